@@ -78,6 +78,7 @@ class TrainConfig:
     output_dir: str = _opt("", "where the embedding and its checkpoints go")
     output_name: str = _opt("", "file name of the embedding (default: token_string)")
     save_model_as: str = _opt("safetensors", "file format", choices=("safetensors", "pt"))
+    overwrite: bool = _opt(False, "replace an existing embedding of the same name")
     save_every_n_steps: int = _opt(0, "save a checkpoint every N steps (0: only at the end)", lo=0)
     # --- token ---
     token_string: str = _opt("", "the new word you will type in prompts (also the file name)")

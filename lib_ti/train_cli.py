@@ -1,0 +1,167 @@
+"""`python -m lib_ti train`: the same core as the WebUI tab, on a local diffusers model folder.
+
+Several GPUs: `accelerate launch -m lib_ti train --config_file args.toml` runs one process per
+GPU; each draws its own batches and the vectors' gradients are averaged across processes.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lib_ti import formats
+from lib_ti.config import ConfigError, TrainConfig, _literal
+from lib_ti.embedding import Embedding
+from lib_ti.prepare import PrepareError
+from lib_ti.train import Callbacks, Progress, TrainResult, run_training
+
+log = logging.getLogger("lib_ti")
+
+EXT = {"safetensors": ".safetensors", "pt": ".pt"}
+FMT = {"safetensors": "safetensors", "pt": "a1111-pt"}
+
+
+def parse_sets(pairs: list[str] | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for pair in pairs or []:
+        key, eq, value = pair.partition("=")
+        if not eq:
+            raise ConfigError({key: "--set takes KEY=VALUE"})
+        out[key.strip()] = _literal(value.strip())
+    return out
+
+
+def build_config(config_file: str | None, dataset_config: str | None, sets: list[str] | None) -> TrainConfig:
+    overrides = parse_sets(sets)
+    if dataset_config:
+        overrides["dataset_config"] = dataset_config
+    if config_file:
+        return TrainConfig.from_toml(config_file, overrides)
+    return TrainConfig.from_dict(overrides)
+
+
+def pick_device(name: str) -> torch.device:
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def compute_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
+    # weights in half precision only on a GPU; on CPU fp32 is both faster and exact
+    if device.type == "cpu" or cfg.mixed_precision == "no":
+        return torch.float32
+    return torch.float16 if cfg.mixed_precision == "fp16" else torch.bfloat16
+
+
+class FolderSaver:
+    """Checkpoints as <output_dir>/<name>-<step>.<ext>, the final file as <name>.<ext>, and loss.csv."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.dir = Path(cfg.output_dir or ".")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.rows: list[tuple[int, float, float | str]] = []
+
+    def progress(self, p: Progress) -> None:
+        if p.phase == "training" and p.loss is not None:
+            self.rows.append((p.step, p.loss, p.val_loss if p.val_loss is not None else ""))
+
+    def checkpoint(self, emb: Embedding, final: bool) -> str:
+        ext = EXT[self.cfg.save_model_as]
+        stem = self.cfg.name if final else f"{self.cfg.name}-{emb.step}"
+        path = self.dir / f"{stem}{ext}"
+        emb.name = self.cfg.name
+        formats.save_embedding(emb, str(path), FMT[self.cfg.save_model_as], overwrite=True)
+        if final:
+            self.write_csv()
+        return str(path)
+
+    def final_path(self) -> Path:
+        return self.dir / f"{self.cfg.name}{EXT[self.cfg.save_model_as]}"
+
+    def write_csv(self) -> None:
+        with open(self.dir / "loss.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["step", "loss", "val_loss"])
+            w.writerows(self.rows)
+
+
+def _resuming(cfg: TrainConfig, path: Path) -> bool:
+    """Continuing from the final file itself may replace it; anything else must not overwrite."""
+    return bool(cfg.weights) and Path(cfg.weights).resolve() == path.resolve()
+
+
+def distributed() -> tuple[int, int, Any]:
+    """(rank, world_size, all_reduce) from accelerate/torch.distributed when launched that way."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, lambda t: None
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+    def all_reduce(t: torch.Tensor) -> None:
+        dist.all_reduce(t)
+        t /= world
+
+    return dist.get_rank(), world, all_reduce
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    from lib_ti.family.load import load_diffusers_model
+
+    if not cfg.pretrained_model_name_or_path:
+        raise ConfigError({"pretrained_model_name_or_path": "is required for the CLI: a local diffusers folder"})
+    device = pick_device(cfg.device)
+    model = load_diffusers_model(cfg.pretrained_model_name_or_path, device=device,
+                                 dtype=compute_dtype(cfg, device), clip_skip=cfg.clip_skip,
+                                 v_parameterization=cfg.v_parameterization or None)
+    saver = FolderSaver(cfg)
+    final = saver.final_path()
+    # checked before training, not after: a finished run must never fail on its last write
+    if final.exists() and not cfg.overwrite and not _resuming(cfg, final):
+        raise PrepareError("output_name", f"{final} already exists; choose another output_name or set overwrite")
+    rank, world, reduce = distributed()
+    last = {"pct": -1}
+
+    def progress(p: Progress) -> None:
+        saver.progress(p)
+        if rank != 0:
+            return
+        if p.phase == "training" and p.max_steps:
+            pct = p.step * 20 // p.max_steps
+            if pct != last["pct"] or p.val_loss is not None and p.step % max(1, cfg.validation_every_n_steps) == 0:
+                last["pct"] = pct
+                val = f" val {p.val_loss:.4f}" if p.val_loss is not None else ""
+                print(f"step {p.step}/{p.max_steps} loss {p.loss:.4f}{val} lr {p.lr:.2e} eta {p.eta_s or 0:.0f}s",
+                      flush=True)
+        elif p.message:
+            print(p.message, flush=True)
+
+    cb = Callbacks(
+        progress=progress,
+        on_checkpoint=lambda emb, final: saver.checkpoint(emb, final) if rank == 0 else None,
+        log=lambda msg: print(f"note: {msg}", flush=True) if rank == 0 else None,
+        all_reduce=reduce, rank=rank, world_size=world,
+    )
+    return run_training(cfg, model, cb)
+
+
+def main(args: Any) -> int:
+    try:
+        cfg = build_config(args.config_file, args.dataset_config, getattr(args, "set", None))
+        result = train(cfg)
+    except (ConfigError, PrepareError, formats.FormatError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{result.status}: {result.message}; saved {result.output}")
+    return 0 if result.status in ("done", "auto_stopped", "interrupted") else 1
