@@ -16,11 +16,6 @@ from typing import Any
 
 from lib_ti.schedule import SCHEDULERS, parse_piecewise
 
-try:  # Python 3.11+
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10, which A1111 recommends
-    import tomli as tomllib
-
 
 class ConfigError(ValueError):
     """All invalid fields at once: `errors` maps field name -> message."""
@@ -180,6 +175,7 @@ class TrainConfig:
 
     @classmethod
     def from_toml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
+        tomllib = toml_module()
         with open(path, "rb") as f:
             try:
                 data = tomllib.load(f)
@@ -286,6 +282,19 @@ class TrainConfig:
     @property
     def name(self) -> str:
         return self.output_name or self.token_string
+
+
+def toml_module():
+    """tomllib on Python 3.11+, tomli on 3.10 (which A1111 recommends; install.py adds it there).
+    Imported on use so that hosts without either can still train without TOML files."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:
+        try:
+            import tomli as tomllib
+        except ModuleNotFoundError:
+            raise ConfigError({"config_file": "reading TOML on Python 3.10 needs the 'tomli' package"}) from None
+    return tomllib
 
 
 def _range(lo: float | None, hi: float | None) -> str:
