@@ -1,0 +1,51 @@
+"""The layout rules the host imposes, checked so they stay true."""
+
+import ast
+from pathlib import Path
+
+from lib_ti.config import NOTED_KEYS, TrainConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+BANNED = {"modules", "launch", "gradio"}
+
+
+def imported_roots(path: Path) -> set[str]:
+    roots = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            roots |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            roots.add(node.module.split(".")[0])
+    return roots
+
+
+def test_lib_ti_is_host_free_outside_webui():
+    offenders = {}
+    for path in (ROOT / "lib_ti").rglob("*.py"):
+        rel = path.relative_to(ROOT)
+        if rel.parts[1] == "webui":
+            continue
+        bad = imported_roots(path) & BANNED
+        if bad or "lib_ti.webui" in path.read_text(encoding="utf-8"):
+            offenders[str(rel)] = sorted(bad) or ["lib_ti.webui"]
+    assert not offenders, offenders
+
+
+def test_scripts_holds_one_short_entry():
+    files = sorted((ROOT / "scripts").glob("*.py"))
+    assert [f.name for f in files] == ["ti_trainer.py"]
+    assert len(files[0].read_text().splitlines()) <= 60
+
+
+def test_modules_stay_small():
+    big = {str(p.relative_to(ROOT)): n for p in (ROOT / "lib_ti").rglob("*.py")
+           if (n := len(p.read_text(encoding="utf-8").splitlines())) > 450}
+    assert not big, big
+
+
+def test_readme_explains_every_option_and_the_test_command():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    missing = [f for f in [*TrainConfig.field_names(), *NOTED_KEYS] if f"`{f}`" not in readme]
+    assert not missing, missing
+    assert "bash tests/run.sh" in readme
+    assert "bash tests/run.sh" in (ROOT / ".ci" / "run").read_text()
