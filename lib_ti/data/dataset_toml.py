@@ -1,0 +1,152 @@
+"""kohya sd-scripts dataset TOML (`--dataset_config`): [general], [[datasets]], [[datasets.subsets]].
+
+Precedence: subset > dataset > general > the caller's defaults. kohya writes `resolution` as
+`512` or `[width, height]`; DatasetSpec keeps (height, width), and so do `defaults`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from lib_ti.data.spec import SUBSET_OPTIONS, DataError, DatasetSpec, SubsetSpec
+
+DATASET_KEYS = ("resolution", "batch_size", "enable_bucket", "min_bucket_reso", "max_bucket_reso",
+                "bucket_reso_steps", "bucket_no_upscale")
+DEFAULTABLE = tuple(k for k in SUBSET_OPTIONS)  # any subset option may be set higher up
+ALLOWED = {
+    "top level": ("general", "datasets"),
+    "[general]": DATASET_KEYS + DEFAULTABLE,
+    "[[datasets]]": DATASET_KEYS + DEFAULTABLE + ("subsets",),
+    "[[datasets.subsets]]": ("image_dir",) + SUBSET_OPTIONS,
+}
+_BOOL = {"enable_bucket", "bucket_no_upscale", "shuffle_caption", "flip_aug", "random_crop", "is_reg"}
+_STR = {"caption_extension", "caption_separator", "class_tokens", "image_dir"}
+_MIN = {"batch_size": 1, "min_bucket_reso": 1, "max_bucket_reso": 1, "bucket_reso_steps": 1,
+        "num_repeats": 1, "keep_tokens": 0}
+
+
+def _toml_module():
+    """tomllib (3.11+) or tomli (3.10), imported on use: a host without either can still train
+    from folders."""
+    try:
+        import tomllib  # novermin: 3.10 takes the tomli fallback below
+    except ModuleNotFoundError:
+        try:
+            import tomli as tomllib
+        except ModuleNotFoundError:
+            raise DataError("reading a dataset TOML on Python 3.10 needs the 'tomli' package") from None
+    return tomllib
+
+
+def _where(table: str, n: int | None, path: str) -> str:
+    return f"{table}" + (f" #{n}" if n is not None else "") + f" of {path}"
+
+
+def _check_table(table: Any, name: str, n: int | None, path: str) -> dict[str, Any]:
+    if not isinstance(table, dict):
+        raise DataError(f"{_where(name, n, path)} must be a table, got {type(table).__name__}")
+    for key in table:
+        if key not in ALLOWED[name]:
+            raise DataError(f"unknown key '{key}' in {_where(name, n, path)}; allowed keys: "
+                            + ", ".join(ALLOWED[name]))
+    out = {}
+    for key, v in table.items():
+        if key in ("general", "datasets", "subsets"):
+            out[key] = v
+            continue
+        out[key] = _check_value(key, v, _where(name, n, path))
+    return out
+
+
+def _check_value(key: str, v: Any, where: str) -> Any:
+    def bad(expected: str) -> DataError:
+        return DataError(f"'{key}' in {where} must be {expected}, got {v!r} ({type(v).__name__})")
+
+    if key == "resolution":
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return (v, v)
+        if (isinstance(v, list) and len(v) == 2
+                and all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in v)):
+            return (v[1], v[0])  # kohya [width, height] -> (h, w)
+        raise bad("a positive integer or [width, height]")
+    if key in _BOOL:
+        if not isinstance(v, bool):
+            raise bad("true or false")
+        return v
+    if key in _STR:
+        if not isinstance(v, str):
+            raise bad("a string")
+        return v
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise bad("an integer")
+    if v < _MIN.get(key, 0):
+        raise bad(f"an integer >= {_MIN.get(key, 0)}")
+    return v
+
+
+def _image_dir(raw: str, base: Path) -> str:
+    """Relative image_dir: beside the TOML when it exists there, else as given (kohya: the cwd)."""
+    p = Path(raw).expanduser()
+    if not p.is_absolute() and (base / p).is_dir():
+        return str(base / p)
+    return str(p)
+
+
+def load_dataset_toml(path: str | Path, defaults: dict[str, Any] | None = None) -> DatasetSpec:
+    path_s = str(path)
+    defaults = dict(defaults or {})
+    known = set(DATASET_KEYS) | set(SUBSET_OPTIONS)
+    unknown = set(defaults) - known
+    if unknown:
+        raise DataError(f"unknown default(s) {sorted(unknown)}; allowed: {sorted(known)}")
+    if "resolution" in defaults:
+        defaults["resolution"] = tuple(defaults["resolution"])
+    tomllib = _toml_module()
+    try:
+        with open(path, "rb") as f:
+            doc = tomllib.load(f)
+    except OSError as e:
+        raise DataError(f"cannot read dataset config '{path_s}': {e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise DataError(f"dataset config '{path_s}' is not valid TOML: {e}") from None
+    doc = _check_table(doc, "top level", None, path_s)
+    general = _check_table(doc.get("general", {}), "[general]", None, path_s)
+    datasets = doc.get("datasets")
+    if not isinstance(datasets, list) or not datasets:
+        raise DataError(f"{path_s} has no [[datasets]] table (each with [[datasets.subsets]])")
+    base = Path(path).resolve().parent
+
+    specs: list[DatasetSpec] = []
+    for n, raw_ds in enumerate(datasets, 1):
+        ds = _check_table(raw_ds, "[[datasets]]", n, path_s)
+        level = {**defaults, **general, **ds}
+        subsets_raw = ds.get("subsets")
+        if not isinstance(subsets_raw, list) or not subsets_raw:
+            raise DataError(f"{_where('[[datasets]]', n, path_s)} has no [[datasets.subsets]]")
+        subsets = []
+        for m, raw_sub in enumerate(subsets_raw, 1):
+            sub = _check_table(raw_sub, "[[datasets.subsets]]", m, f"dataset #{n} of {path_s}")
+            if "image_dir" not in sub:
+                raise DataError(f"{_where('[[datasets.subsets]]', m, f'dataset #{n} of {path_s}')} "
+                                "needs image_dir")
+            opts = {k: v for k, v in {**level, **sub}.items() if k in SUBSET_OPTIONS}
+            subsets.append(SubsetSpec(image_dir=_image_dir(sub["image_dir"], base), **opts))
+        specs.append(DatasetSpec(subsets=subsets, **{k: v for k, v in level.items() if k in DATASET_KEYS}))
+    return _merge(specs, path_s)
+
+
+def _merge(specs: list[DatasetSpec], path: str) -> DatasetSpec:
+    """One bucket set per run: several [[datasets]] merge only if their dataset options agree."""
+    first = specs[0]
+    for n, s in enumerate(specs[1:], 2):
+        diff = [k for k in DATASET_KEYS if getattr(s, k) != getattr(first, k)]
+        if diff:
+            detail = "; ".join(f"{k}: dataset #1 has {getattr(first, k)!r}, dataset #{n} has {getattr(s, k)!r}"
+                               for k in diff)
+            raise DataError(f"{path}: the [[datasets]] differ in {', '.join(diff)} ({detail}). kohya can train "
+                            "datasets with different resolutions or buckets side by side; this trainer uses one "
+                            "bucket set, so put all subsets in one [[datasets]] or make these options equal")
+    merged = DatasetSpec(subsets=[sub for s in specs for sub in s.subsets],
+                         **{k: getattr(first, k) for k in DATASET_KEYS})
+    return merged
