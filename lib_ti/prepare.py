@@ -44,6 +44,7 @@ class Prepared:
     cache: data.LatentCache | None
     validation: ValidationBatch | None
     warnings: list[str]
+    batch_size: int = 1  # the dataset TOML's batch_size wins over train_batch_size, as in kohya
 
 
 def start_vectors(cfg: TrainConfig, model: TrainableModel) -> tuple[dict[str, torch.Tensor], int]:
@@ -114,8 +115,11 @@ def prepare(cfg: TrainConfig, model: TrainableModel, progress: Callable[[str, in
     for path, why in scan.skipped:
         warnings.append(f"skipped {path}: {why}")
     items = scan.items
-    templates = data.load_template(cfg.template_file) if cfg.template_file else None
-    prompts = data.PromptBuilder(cfg.token_string, prompt_mode(cfg), templates)
+    try:
+        templates = data.load_template(cfg.template_file) if cfg.template_file else None
+        prompts = data.PromptBuilder(cfg.token_string, prompt_mode(cfg), templates)
+    except (OSError, data.DataError) as e:
+        raise PrepareError("template_file", str(e)) from None
     train_items = [it for it in items if not it.subset.is_reg]
     if not train_items:
         raise PrepareError("train_data_dir", "no training images (only regularization images were found)")
@@ -138,7 +142,8 @@ def prepare(cfg: TrainConfig, model: TrainableModel, progress: Callable[[str, in
     validation = None
     if cfg.validation_every_n_steps > 0:
         validation = validation_batch(cfg, model, train_items, items, cache, prompts)
-    return Prepared(vectors, start_step, items, scan.skipped, prompts, cache, validation, warnings)
+    return Prepared(vectors, start_step, items, scan.skipped, prompts, cache, validation, warnings,
+                    spec.batch_size)
 
 
 def validation_batch(cfg: TrainConfig, model: TrainableModel, train_items: list, items: list,

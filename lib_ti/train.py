@@ -138,10 +138,10 @@ def _loop(cfg: TrainConfig, model: TrainableModel, cb: Callbacks, prep: Prepared
     # The only trainable parameters: fp32 leaf tensors, one per text encoder. Nothing else gets a grad.
     vectors = {k: v.to(dev, torch.float32).clone().requires_grad_(True) for k, v in prep.vectors.items()}
     # each process draws its own shuffle; all_reduce averages their gradients (data parallel)
-    sampler = data.BatchSampler(prep.items, cfg.train_batch_size, seed=seed + cb.rank)
+    sampler = data.BatchSampler(prep.items, prep.batch_size, seed=seed + cb.rank)
     max_steps = total_steps(cfg, sampler.batches_per_epoch())
     pieces = parse_piecewise(cfg.learning_rate)
-    scale = cfg.train_batch_size * cfg.gradient_accumulation_steps * cb.world_size if cfg.scale_lr else 1.0
+    scale = prep.batch_size * cfg.gradient_accumulation_steps * cb.world_size if cfg.scale_lr else 1.0
 
     def lr_for(s: int) -> float:
         return lr_at(pieces, cfg.lr_scheduler, s, max_steps, cfg.lr_warmup_steps,
@@ -173,7 +173,7 @@ def _loop(cfg: TrainConfig, model: TrainableModel, cb: Callbacks, prep: Prepared
             batches = iter(sampler.epoch(epoch))
             continue
         items = [prep.items[i] for i in batch]
-        flips = [cfg.flip_aug and rng.random() < 0.5 for _ in items]
+        flips = [it.subset.flip_aug and rng.random() < 0.5 for it in items]
         latents, sizes = _latents(model, prep, batch, flips, rng)
         texts = [prep.prompts.build(it, rng) for it in items]
         weights = torch.tensor([cfg.prior_loss_weight if it.subset.is_reg else 1.0 for it in items], device=dev)
