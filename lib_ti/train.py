@@ -189,7 +189,7 @@ def _loop(cfg: TrainConfig, model: TrainableModel, cb: Callbacks, prep: Prepared
             status, message = "nan", f"the loss became {float(loss)} at step {step}; kept the last good vectors"
             break
         scaler.scale(loss / cfg.gradient_accumulation_steps).backward()
-        running.append(float(loss))
+        running.append(float(loss.detach()))
         accum += 1
         if accum < cfg.gradient_accumulation_steps:
             continue
