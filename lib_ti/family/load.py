@@ -1,0 +1,117 @@
+"""Open a local diffusers-format folder (model_index.json) as a TrainableModel. Never downloads.
+
+Family rule, from the folder's own files, in this order:
+  1. `text_encoder_2` in model_index.json -> sdxl (the base model; a refiner, which has only
+     text_encoder_2, is refused: A1111 cannot use embeddings on it either);
+  2. text_encoder/config.json with `hidden_act == "gelu"` or `hidden_size == 1024` -> sd2
+     (OpenCLIP-H uses exact gelu, OpenAI's CLIP-L quick_gelu: true at every size, tiny test
+     models included; the width is a second sign for odd exports);
+  3. otherwise sd1.
+Prediction type: `v_parameterization` if given, else the scheduler config's `prediction_type`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from lib_ti.family.diffusers_sd import DiffusersModel, DiffusersSD
+from lib_ti.family.diffusers_sdxl import DiffusersSDXL
+
+
+class ModelFolderError(ValueError):
+    pass
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ModelFolderError(f"cannot read {path}: {e}") from None
+
+
+def _present(index: dict, name: str) -> bool:
+    entry = index.get(name)
+    return isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[0] is not None
+
+
+def detect_family(folder: str | os.PathLike) -> str:
+    """'sd1' | 'sd2' | 'sdxl' for a diffusers folder, by the rule in the module docstring."""
+    folder = Path(folder)
+    if not (folder / "model_index.json").is_file():
+        hint = " (a single .safetensors/.ckpt checkpoint must be converted to diffusers format first)" \
+            if folder.is_file() else ""
+        raise ModelFolderError(f"'{folder}' is not a diffusers model folder: no model_index.json{hint}")
+    index = _read_json(folder / "model_index.json")
+    missing = [n for n in ("unet", "vae", "scheduler") if not _present(index, n)]
+    if missing:
+        raise ModelFolderError(f"'{folder}' lacks {', '.join(missing)}: not a Stable Diffusion model")
+    if _present(index, "text_encoder_2"):
+        if not _present(index, "text_encoder"):
+            raise ModelFolderError(f"'{folder}' has only text_encoder_2 (an SDXL refiner?): train on the SDXL base")
+        return "sdxl"
+    if not _present(index, "text_encoder") or not _present(index, "tokenizer"):
+        raise ModelFolderError(f"'{folder}' has no text_encoder/tokenizer: not a Stable Diffusion text-to-image model")
+    cfg = _read_json(folder / "text_encoder" / "config.json")
+    if cfg.get("hidden_act") == "gelu" or cfg.get("hidden_size") == 1024:
+        return "sd2"
+    return "sd1"
+
+
+def _variant(sub: Path) -> str | None:
+    """'fp16' when a component folder only holds fp16-variant weights (diffusers needs telling)."""
+    names = [p.name for p in sub.glob("*")] if sub.is_dir() else []
+    plain = any(n.endswith((".safetensors", ".bin")) and ".fp16." not in n for n in names)
+    return "fp16" if not plain and any(".fp16." in n for n in names) else None
+
+
+def wrap(family: str, parts: dict, clip_skip: int = 1, prediction_type: str | None = None) -> DiffusersModel:
+    """A TrainableModel around pipeline components (as `components` or a loaded folder gives them)."""
+    if family == "sdxl":
+        return DiffusersSDXL(parts["unet"], parts["vae"], parts["text_encoder"], parts["text_encoder_2"],
+                             parts["tokenizer"], parts["tokenizer_2"], parts["scheduler"], prediction_type)
+    return DiffusersSD(family, parts["unet"], parts["vae"], parts["text_encoder"], parts["tokenizer"],
+                       parts["scheduler"], prediction_type, clip_skip)
+
+
+def load_diffusers_model(folder: str | os.PathLike, device: str | torch.device = "cpu",
+                         dtype: torch.dtype = torch.float32, clip_skip: int = 1,
+                         v_parameterization: bool | None = None) -> DiffusersModel:
+    """UNet and text encoders in `dtype`, VAE always fp32, all on `device`, local files only."""
+    folder = Path(folder)
+    family = detect_family(folder)
+    root = str(folder)
+
+    def load(cls, sub: str, **kw):
+        try:
+            return cls.from_pretrained(root, subfolder=sub, local_files_only=True, **kw)
+        except (OSError, ValueError) as e:
+            raise ModelFolderError(f"cannot load {sub} from '{folder}': {e}") from e
+
+    def weights(cls, sub: str, dt: torch.dtype):
+        kw = {}
+        if sub in ("unet", "vae") and importlib.util.find_spec("accelerate") is None:
+            kw["low_cpu_mem_usage"] = False  # diffusers' default needs accelerate and warns without it
+        return load(cls, sub, torch_dtype=dt, variant=_variant(folder / sub), **kw).to(device).eval()
+
+    parts = {
+        "unet": weights(UNet2DConditionModel, "unet", dtype),
+        "vae": weights(AutoencoderKL, "vae", torch.float32),
+        "text_encoder": weights(CLIPTextModel, "text_encoder", dtype),
+        "tokenizer": load(CLIPTokenizer, "tokenizer"),
+        # DDPM from any scheduler's config: only the training schedule is needed
+        "scheduler": DDPMScheduler.from_config(_read_json(folder / "scheduler" / "scheduler_config.json")),
+    }
+    if family == "sdxl":
+        parts["text_encoder_2"] = weights(CLIPTextModelWithProjection, "text_encoder_2", dtype)
+        parts["tokenizer_2"] = load(CLIPTokenizer, "tokenizer_2")
+    prediction = None if v_parameterization is None else ("v_prediction" if v_parameterization else "epsilon")
+    model = wrap(family, parts, clip_skip, prediction)
+    model.source = str(folder.resolve())
+    return model

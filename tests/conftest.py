@@ -1,0 +1,60 @@
+"""Shared fixtures: the real CLIP tokenizer files and tiny random-weight models of each family,
+in memory (TrainableModel) and as saved diffusers folders. Session-scoped: tests that use the
+models must not change their weights or leave flags changed (training() restores them)."""
+
+from __future__ import annotations
+
+import pytest
+
+SEED = 0
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+    from lib_ti.family.vocab import tokenizer_dir as build
+
+    return build(tmp_path_factory.mktemp("clip_tokenizer"))
+
+
+def _model(family, tokenizer_dir):
+    from lib_ti.family.random_models import build_random_model
+
+    return build_random_model("tiny", family, seed=SEED, tokenizer_dir=tokenizer_dir)
+
+
+def _folder(family, tmp_path_factory, tokenizer_dir):
+    from lib_ti.family.random_models import save_random_model
+
+    # same preset and seed as the in-memory fixture, so both hold the same weights
+    return save_random_model("tiny", family, tmp_path_factory.mktemp(f"tiny_{family}") / "model", seed=SEED,
+                             tokenizer_dir=tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd1(tokenizer_dir):
+    return _model("sd1", tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2v(tokenizer_dir):
+    return _model("sd2", tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tokenizer_dir):
+    return _model("sdxl", tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd1_dir(tmp_path_factory, tokenizer_dir):
+    return _folder("sd1", tmp_path_factory, tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2v_dir(tmp_path_factory, tokenizer_dir):
+    return _folder("sd2", tmp_path_factory, tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory, tokenizer_dir):
+    return _folder("sdxl", tmp_path_factory, tokenizer_dir)
