@@ -186,7 +186,7 @@ def _loop(cfg: TrainConfig, model: TrainableModel, cb: Callbacks, prep: Prepared
                           texts, sizes, alphas, cfg)
             loss = (per * weights).mean()
         if not torch.isfinite(loss):
-            status, message = "nan", f"the loss became {float(loss)} at step {step}; kept the last good vectors"
+            status, message = "nan", f"the loss became {float(loss.detach())} at step {step}; kept the last good vectors"
             break
         scaler.scale(loss / cfg.gradient_accumulation_steps).backward()
         running.append(float(loss.detach()))
