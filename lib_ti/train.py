@@ -240,7 +240,10 @@ def _loop(cfg: TrainConfig, model: TrainableModel, cb: Callbacks, prep: Prepared
             break
 
     final = snapshot()
-    output = cb.on_checkpoint(final, True)
+    if step > prep.start_step:
+        output = cb.on_checkpoint(final, True)
+    else:  # nothing learned: writing the start vectors would only take the name
+        message += "; nothing was saved"
     if not message:
         message = f"trained {step} steps"
     cb.progress(Progress("done", step, max_steps, epoch, losses[-1][1] if losses else None,
