@@ -240,12 +240,12 @@ def _loop(cfg: TrainConfig, model: TrainableModel, cb: Callbacks, prep: Prepared
             break
 
     final = snapshot()
+    if not message:
+        message = f"trained {step} steps" if step > prep.start_step else f"already at step {step} of {max_steps}"
     if step > prep.start_step:
         output = cb.on_checkpoint(final, True)
     else:  # nothing learned: writing the start vectors would only take the name
         message += "; nothing was saved"
-    if not message:
-        message = f"trained {step} steps"
     cb.progress(Progress("done", step, max_steps, epoch, losses[-1][1] if losses else None,
                          val_loss=vals[-1][1] if vals else None, norms=final.norms(), message=message))
     return TrainResult(status, step, final, output, losses, vals, prep.warnings, message)
