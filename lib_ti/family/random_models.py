@@ -140,6 +140,14 @@ def _make_text_matter(unet: UNet2DConditionModel, seed: int) -> None:
     unet.conv_out.bias.mul_(scale)
 
 
+@torch.no_grad()
+def _randomize_final_norm(text_encoder: torch.nn.Module) -> None:
+    """A fresh LayerNorm has bias 0, so a random encoder's output averages exactly 0 and the host's
+    emphasis rescaling (z * mean / z.mean()) divides 0 by 0. Trained encoders never do that."""
+    ln = text_encoder.text_model.final_layer_norm
+    ln.bias.normal_(0.1, 0.05, generator=torch.Generator().manual_seed(7))
+
+
 def components(preset: str = "tiny", family: str = "sd1", seed: int = 0, device: str | torch.device = "cpu",
                tokenizer_dir: str | os.PathLike | None = None) -> dict:
     """Pipeline keyword arguments (unet, vae, text_encoder[_2], tokenizer[_2], scheduler), fp32,
@@ -163,6 +171,9 @@ def components(preset: str = "tiny", family: str = "sd1", seed: int = 0, device:
         for m in parts.values():
             if device.type != "meta":  # meta: shapes only, for checking the full-size configs cheaply
                 _rerandomize_zeros(m)
+        if preset == "tiny" and device.type != "meta":
+            for name in texts:
+                _randomize_final_norm(parts[name])
             m.eval()
     parts["tokenizer"] = vocab.make_tokenizer(vocab.PAD_OPENCLIP if family == "sd2" else vocab.PAD_SD1, tokenizer_dir)
     if family == "sdxl":

@@ -77,7 +77,7 @@ def sampler_names() -> list[str]:
         return []
 
 
-def render_preview(prompt: str, negative: str = "", steps: int = 20, sampler: str = "Euler a",
+def render_preview(prompt: str, negative_prompt: str = "", steps: int = 20, sampler_name: str = "Euler a",
                    cfg_scale: float = 7.0, seed: int = -1, width: int = 512, height: int = 512) -> Any:
     """One image by the host's own txt2img with the live embedding, as the built-in trainer does.
     No embedding reload: it would replace the training embedding with the file on disk."""
@@ -85,8 +85,8 @@ def render_preview(prompt: str, negative: str = "", steps: int = 20, sampler: st
 
     p = processing.StableDiffusionProcessingTxt2Img(
         sd_model=shared.sd_model, do_not_save_grid=True, do_not_save_samples=True,
-        do_not_reload_embeddings=True, prompt=prompt, negative_prompt=negative, steps=int(steps),
-        sampler_name=sampler, cfg_scale=float(cfg_scale), seed=int(seed), width=int(width), height=int(height),
+        do_not_reload_embeddings=True, prompt=prompt, negative_prompt=negative_prompt, steps=int(steps),
+        sampler_name=sampler_name, cfg_scale=float(cfg_scale), seed=int(seed), width=int(width), height=int(height),
     )
     s = state()
     job_count, job_no = s.job_count, s.job_no
