@@ -1,0 +1,3 @@
+"""modules/sd_unet.py: a replacement UNet (e.g. TensorRT) selected in settings, else None."""
+
+current_unet = None

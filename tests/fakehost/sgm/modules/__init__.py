@@ -1,0 +1,1 @@
+from sgm.modules.encoders.modules import GeneralConditioner  # noqa: F401
