@@ -11,6 +11,8 @@ import threading
 import traceback
 from typing import Any
 
+import torch
+
 from lib_ti import formats
 from lib_ti.config import ConfigError, TrainConfig
 from lib_ti.embedding import Embedding
@@ -30,9 +32,16 @@ def final_path(cfg: TrainConfig) -> str:
     return os.path.join(host_model.embeddings_dir(), f"{cfg.name}.safetensors")
 
 
+def host_clip_skip(values: dict[str, Any]) -> bool:
+    """No clip_skip (or 0) means: follow the host's "Clip skip" setting, as txt2img does."""
+    return values.get("clip_skip") in (None, "", 0, 0.0)
+
+
 def make_config(values: dict[str, Any]) -> TrainConfig:
     """Validated config, or ConfigError naming every bad field (shown in the tab, 422 in the API)."""
     values = {k: v for k, v in values.items() if k not in HOST_FIXED}
+    if host_clip_skip(values):
+        values.pop("clip_skip", None)
     cfg = TrainConfig.from_dict(values)
     cfg = cfg.replace(output_dir=host.log_dir(cfg.name), save_model_as="safetensors")
     path = final_path(cfg)
@@ -43,12 +52,18 @@ def make_config(values: dict[str, Any]) -> TrainConfig:
     return cfg
 
 
-def execute(task: Task, cfg: TrainConfig, preview: dict[str, Any] | None = None) -> Task:
+def execute(task: Task, cfg: TrainConfig, preview: dict[str, Any] | None = None,
+            clip_skip: int | None = None) -> Task:
     """Run under the host's queue lock with shared.state begun (the callers see to that)."""
     REGISTRY.update(task.id, status="running")
     os.makedirs(cfg.output_dir, exist_ok=True)
     try:
-        model = host_model.borrow(clip_skip=cfg.clip_skip)
+        model = host_model.borrow(clip_skip=clip_skip)
+        if model.dtype == torch.float16 and cfg.mixed_precision == "no":
+            # the host keeps fp16 weights: without autocast and loss scaling, small gradients
+            # underflow to zero (the host's own trainer always scales)
+            cfg = cfg.replace(mixed_precision="fp16")
+            REGISTRY.update(task.id, notes=[*task.notes, "the model is fp16: training with fp16 mixed precision"])
         result = run_training(cfg, model, _callbacks(task, cfg, preview))
     except (ConfigError, PrepareError, formats.FormatError, host_model.HostError) as e:
         REGISTRY.update(task.id, status="failed", error=str(e))
@@ -161,6 +176,7 @@ def _textinfo(p: Progress) -> str:
 def api_submit(values: dict[str, Any], preview: dict[str, Any] | None = None) -> Task:
     """Validate now (so the API can answer 422), then queue behind the host's lock in a thread."""
     cfg = make_config(values)
+    clip_skip = None if host_clip_skip(values) else cfg.clip_skip
     task = REGISTRY.create(cfg.name)
     REGISTRY.update(task.id, notes=cfg.notes())
 
@@ -169,7 +185,7 @@ def api_submit(values: dict[str, Any], preview: dict[str, Any] | None = None) ->
             if task.stop:
                 REGISTRY.update(task.id, status="interrupted", message="interrupted before it started")
                 return
-            execute(task, cfg, preview)
+            execute(task, cfg, preview, clip_skip)
 
     threading.Thread(target=run, name=f"ti-trainer {task.id}", daemon=True).start()
     return task
@@ -180,7 +196,7 @@ def ui_train(id_task: str, values: dict[str, Any], preview: dict[str, Any] | Non
     cfg = make_config(values)
     task = REGISTRY.create(cfg.name, task_id=id_task)
     REGISTRY.update(task.id, notes=cfg.notes())
-    return execute(task, cfg, preview)
+    return execute(task, cfg, preview, None if host_clip_skip(values) else cfg.clip_skip)
 
 
 def interrupt(task_id: str) -> bool:
