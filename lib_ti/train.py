@@ -122,8 +122,13 @@ def run_training(cfg: TrainConfig, model: TrainableModel, cb: Callbacks | None =
     cb = cb or Callbacks()
     seed = cfg.seed if cfg.seed >= 0 else random.randrange(2**31)
     cb.progress(Progress("preparing", message="checking the token and reading images"))
-    prep = prepare(cfg, model, lambda what, done, n: cb.progress(Progress("preparing", message=f"{what} {done}/{n}")),
-                   cb.should_stop)
+    # Seeded, without disturbing the host's global RNG: the VAE samples latents from it, and every
+    # process of a multi-GPU run must cache the same latents (same validation loss, same auto-stop).
+    with torch.random.fork_rng(devices=[model.device] if model.device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        prep = prepare(cfg, model,
+                       lambda what, done, n: cb.progress(Progress("preparing", message=f"{what} {done}/{n}")),
+                       cb.should_stop)
     for w in prep.warnings:
         cb.log(w)
     with model.training(cfg.gradient_checkpointing):

@@ -131,6 +131,15 @@ def train(cfg: TrainConfig) -> TrainResult:
     if final.exists() and not cfg.overwrite and not _resuming(cfg, final):
         raise PrepareError("output_name", f"{final} already exists; choose another output_name or set overwrite")
     rank, world, reduce = distributed()
+    if world > 1 and cfg.seed < 0:
+        # every process must start from the same seed: same latents, same validation batch
+        import random
+
+        import torch.distributed as dist
+
+        seed = torch.tensor([random.randrange(2**31)], device=device if dist.get_backend() == "nccl" else "cpu")
+        dist.broadcast(seed, 0)
+        cfg = cfg.replace(seed=int(seed))
     last = {"pct": -1}
 
     def progress(p: Progress) -> None:

@@ -176,3 +176,28 @@ xformers = true
     again = subprocess.run([sys.executable, "-m", "lib_ti", "train", "--config_file", str(toml)],
                            capture_output=True, text=True, timeout=300)
     assert again.returncode == 2 and "already exists" in again.stderr
+
+
+def test_cli_two_processes_average_gradients(tiny_sd1_dir, tmp_path):
+    """What `accelerate launch` / torchrun does on several GPUs, here as two CPU processes (gloo):
+    both draw their own batches, gradients are averaged, only rank 0 writes."""
+    data = make_images(tmp_path / "data")
+    out = tmp_path / "out"
+    toml = tmp_path / "args.toml"
+    toml.write_text(f"""
+pretrained_model_name_or_path = "{tiny_sd1_dir}"
+train_data_dir = "{data}"
+output_dir = "{out}"
+token_string = "{TOKEN}"
+init_word = "ball"
+resolution = 64
+max_train_steps = 3
+validation_every_n_steps = 0
+""")
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_port", "29561", "-m", "lib_ti", "train", "--config_file", str(toml)],
+                         capture_output=True, text=True, timeout=400)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("done: trained 3 steps") == 2  # both processes ran every step
+    assert run.stdout.count(f"saved {out / TOKEN}.safetensors") == 1  # and rank 0 alone wrote
+    assert formats.read_embedding(str(out / f"{TOKEN}.safetensors")).step == 3
