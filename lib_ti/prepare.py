@@ -125,9 +125,13 @@ def prepare(cfg: TrainConfig, model: TrainableModel, progress: Callable[[str, in
         raise PrepareError("train_data_dir", "no training images (only regularization images were found)")
     if prompts.uses_captions:
         missing = data.captions_missing_token([it for it in train_items], cfg.token_string)
+        never_named = prompts.mode == "caption" or all("[name]" not in t for t in prompts.templates)
+        if len(missing) == len(train_items) and never_named:
+            # no prompt would ever contain the token: no gradient can reach it (host pitfall 17)
+            raise PrepareError("token_string", f"no caption contains '{cfg.token_string}', so no training prompt "
+                               "names it. Add it to the captions, or use the object/style template")
         if len(missing) == len(train_items):
-            warnings.append(f"no caption contains '{cfg.token_string}': the embedding only learns from "
-                            "prompts that name it. Add it to the captions or use a template")
+            warnings.append(f"no caption contains '{cfg.token_string}': only template lines with [name] train it")
         elif missing:
             warnings.append(f"{len(missing)} of {len(train_items)} captions lack '{cfg.token_string}'")
 

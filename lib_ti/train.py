@@ -193,15 +193,16 @@ def _loop(cfg: TrainConfig, model: TrainableModel, cb: Callbacks, prep: Prepared
         if not torch.isfinite(loss):
             status, message = "nan", f"the loss became {float(loss.detach())} at step {step}; kept the last good vectors"
             break
-        scaler.scale(loss / cfg.gradient_accumulation_steps).backward()
+        if loss.requires_grad:  # a batch whose prompts all lack the token teaches nothing
+            scaler.scale(loss / cfg.gradient_accumulation_steps).backward()
         running.append(float(loss.detach()))
         accum += 1
         if accum < cfg.gradient_accumulation_steps:
             continue
         accum = 0
         for v in vectors.values():
-            if v.grad is None:  # host-api pitfall 17: the token never reached the encoder
-                raise RuntimeError(f"no gradient reached the vectors: is '{cfg.token_string}' in the prompts?")
+            if v.grad is None:  # no prompt of these batches named the token (prepare checked some do)
+                v.grad = torch.zeros_like(v)
             cb.all_reduce(v.grad)
         scaler.unscale_(optimizer)
         if cfg.max_grad_norm > 0:

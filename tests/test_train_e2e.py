@@ -201,3 +201,18 @@ validation_every_n_steps = 0
     assert run.stdout.count("done: trained 3 steps") == 2  # both processes ran every step
     assert run.stdout.count(f"saved {out / TOKEN}.safetensors") == 1  # and rank 0 alone wrote
     assert formats.read_embedding(str(out / f"{TOKEN}.safetensors")).step == 3
+
+
+def test_captions_that_never_name_the_token_are_refused(tiny_sd1, tmp_path):
+    data = make_images(tmp_path / "plain")
+    for txt in data.glob("*.txt"):
+        txt.write_text("a red disc")
+    with pytest.raises(PrepareError, match="no caption contains") as e:
+        run_training(config(tmp_path, train_data_dir=str(data)), tiny_sd1)
+    assert e.value.field == "token_string"
+    # half of them naming it is enough to train; the rest only add a warning
+    for txt in sorted(data.glob("*.txt"))[:2]:
+        txt.write_text(f"a photo of {TOKEN}")
+    result = run_training(config(tmp_path, train_data_dir=str(data), max_train_steps=4,
+                                 validation_every_n_steps=0), tiny_sd1)
+    assert result.step == 4 and any("captions lack" in w for w in result.warnings)
