@@ -4,6 +4,10 @@ models must not change their weights or leave flags changed (training() restores
 
 from __future__ import annotations
 
+import contextlib
+import sys
+from pathlib import Path
+
 import pytest
 
 SEED = 0
@@ -58,3 +62,24 @@ def tiny_sd2v_dir(tmp_path_factory, tokenizer_dir):
 @pytest.fixture(scope="session")
 def tiny_sdxl_dir(tmp_path_factory, tokenizer_dir):
     return _folder("sdxl", tmp_path_factory, tokenizer_dir)
+
+
+FAKE_TOPS = ("modules", "fakehost", "ldm", "sgm", "launch")
+
+
+@contextlib.contextmanager
+def fake_host_modules():
+    """Put tests/ on sys.path so the stand-in host (tests/fakehost) imports, and afterwards leave the
+    module table and sys.path exactly as before: no fake `modules` leaks into other tests."""
+    saved_modules, saved_path = dict(sys.modules), list(sys.path)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    try:
+        import fakehost
+
+        yield fakehost
+    finally:
+        for name in set(sys.modules) - set(saved_modules):
+            if name.split(".")[0] in FAKE_TOPS:
+                del sys.modules[name]
+        sys.modules.update({k: v for k, v in saved_modules.items() if k.split(".")[0] in FAKE_TOPS})
+        sys.path[:] = saved_path

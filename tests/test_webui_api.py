@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import fake_host_modules
 
 pytestmark = pytest.mark.slow
 TESTS = Path(__file__).resolve().parent
-FAKE_TOPS = ("modules", "fakehost", "ldm", "sgm", "launch")
 V1 = "/ti-trainer/v1"
 
 
@@ -23,20 +23,10 @@ V1 = "/ti-trainer/v1"
 def host(tmp_path_factory):
     """The stand-in host in sys.modules (tiny SD1 model loaded) for this module's tests, then the
     module table and sys.path exactly as before, so no fake `modules` leaks into other tests."""
-    saved_modules, saved_path = dict(sys.modules), list(sys.path)
-    sys.path.insert(0, str(TESTS))
-    try:
-        import fakehost
-
+    with fake_host_modules() as fakehost:
         modules = fakehost.install(data_dir=str(tmp_path_factory.mktemp("webui")), family="sd1")
         _nonzero_final_norm(modules.shared.sd_model)
         yield modules
-    finally:
-        for name in set(sys.modules) - set(saved_modules):
-            if name.split(".")[0] in FAKE_TOPS:
-                del sys.modules[name]
-        sys.modules.update({k: v for k, v in saved_modules.items() if k.split(".")[0] in FAKE_TOPS})
-        sys.path[:] = saved_path
 
 
 def _nonzero_final_norm(sd_model) -> None:

@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import fake_host_modules
 
 from lib_ti.family.base import SizeCond, TrainableModel
 
 TESTS = Path(__file__).resolve().parent
-FAKE_TOPS = ("modules", "fakehost", "ldm", "sgm", "launch")
 TOKEN = "tiok-ti42"
 WIDTHS = {"sd1": {"emb": 32}, "sdxl": {"clip_l": 32, "clip_g": 64}}
 FAMILIES = ("sd1", "sdxl")
@@ -27,18 +26,8 @@ FAMILIES = ("sd1", "sdxl")
 def host(tmp_path):
     """Installs the stand-in host in sys.modules: `host(family, **options)` loads a tiny model and
     returns the fake `modules` package. Afterwards sys.modules and sys.path are exactly as before."""
-    saved_modules, saved_path = dict(sys.modules), list(sys.path)
-    sys.path.insert(0, str(TESTS))
-    try:
-        import fakehost
-
+    with fake_host_modules() as fakehost:
         yield lambda family="sd1", **kw: fakehost.install(str(tmp_path / "webui"), family, **kw)
-    finally:
-        for name in set(sys.modules) - set(saved_modules):
-            if name.split(".")[0] in FAKE_TOPS:
-                del sys.modules[name]
-        sys.modules.update({k: v for k, v in saved_modules.items() if k.split(".")[0] in FAKE_TOPS})
-        sys.path[:] = saved_path
 
 
 # ---------------------------------------------------------------- helpers

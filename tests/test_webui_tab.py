@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import fake_host_modules
 
 from lib_ti.config import TrainConfig
 from lib_ti.webui import plot
@@ -17,7 +18,6 @@ from lib_ti.webui import plot
 TESTS = Path(__file__).resolve().parent
 TOKEN = "mytok123"
 CLI_ONLY = ("pretrained_model_name_or_path", "device", "v2", "output_dir")
-FAKE_TOPS = ("modules", "fakehost", "ldm", "sgm", "launch")
 
 
 # ---------------------------------------------------------------- plot (no host needed)
@@ -50,19 +50,9 @@ def test_plot_smoothing_and_edge_cases():
 def host(tmp_path):
     """The stand-in host in sys.modules (with a tiny SD1 model loaded) for one test, then the
     module table and sys.path exactly as before: no fake `modules` leaks into other tests."""
-    saved_modules, saved_path = dict(sys.modules), list(sys.path)
-    sys.path.insert(0, str(TESTS))
-    try:
-        import fakehost
-
+    with fake_host_modules() as fakehost:
         fake = fakehost.install(data_dir=str(tmp_path / "webui"), family="sd1")
         yield fake
-    finally:
-        for name in set(sys.modules) - set(saved_modules):
-            if name.split(".")[0] in FAKE_TOPS:
-                del sys.modules[name]
-        sys.modules.update({k: v for k, v in saved_modules.items() if k.split(".")[0] in FAKE_TOPS})
-        sys.path[:] = saved_path
 
 
 @pytest.fixture
