@@ -202,8 +202,8 @@ def test_unknown_ids_and_names_are_404(client):
 
 
 def test_existing_name_is_422_unless_overwrite(client, images):
-    save_embedding(emb_dir() / "taken.safetensors", step=1)
-    errors = errors_of(client.post(f"{V1}/train", json=body(images, "taken")))
+    save_embedding(emb_dir() / "taken-ti7.safetensors", step=1)
+    errors = errors_of(client.post(f"{V1}/train", json=body(images, "taken-ti7")))
     assert "already exists" in errors[("token_string",)]
 
 
@@ -366,3 +366,10 @@ def test_two_requests_queue_one_behind_the_other(client, images):
     assert not torch.allclose(va, init_a) and not torch.allclose(vb, init_b)
     assert not torch.allclose(va, init_b) and not torch.allclose(vb, init_a)
     assert not torch.allclose(va, vb)
+
+
+def test_known_word_token_is_422_before_anything_runs(client, images):
+    """The token is checked against the loaded model's own tokenizer, so the API names the field."""
+    r = client.post(f"{V1}/train", json=body(images, "cat"))
+    assert r.status_code == 422
+    assert "already the known word" in errors_of(r)[("token_string",)]

@@ -17,6 +17,7 @@ from lib_ti import formats
 from lib_ti.config import ConfigError, TrainConfig
 from lib_ti.embedding import Embedding
 from lib_ti.prepare import PrepareError
+from lib_ti.tokens import TokenError, check_token_string
 from lib_ti.train import Callbacks, Progress, run_training
 from lib_ti.webui import host, host_model
 from lib_ti.webui.tasks import REGISTRY, Task
@@ -32,6 +33,20 @@ def final_path(cfg: TrainConfig) -> str:
     return os.path.join(host_model.embeddings_dir(), f"{cfg.name}.safetensors")
 
 
+def token_problem(token: Any) -> dict[str, str]:
+    """The token checked against the loaded model's tokenizer, so the tab and the API (422) name
+    the field before anything runs. Without a usable model the run itself reports why."""
+    if not isinstance(token, str) or not token:
+        return {}
+    try:
+        check_token_string(host_model.borrow(), token)  # tokenizing does not depend on clip skip
+    except TokenError as e:
+        return {e.field: str(e)}
+    except Exception:  # host refusals (no model, --lowvram...) come from the run, in the host's words
+        return {}
+    return {}
+
+
 def host_clip_skip(values: dict[str, Any]) -> bool:
     """No clip_skip (or 0) means: follow the host's "Clip skip" setting, as txt2img does."""
     return values.get("clip_skip") in (None, "", 0, 0.0)
@@ -42,7 +57,13 @@ def make_config(values: dict[str, Any]) -> TrainConfig:
     values = {k: v for k, v in values.items() if k not in HOST_FIXED}
     if host_clip_skip(values):
         values.pop("clip_skip", None)
-    cfg = TrainConfig.from_dict(values)
+    try:
+        cfg = TrainConfig.from_dict(values)
+    except ConfigError as e:
+        raise ConfigError({**e.errors, **token_problem(values.get("token_string"))}) from None
+    bad_token = token_problem(cfg.token_string)
+    if bad_token:
+        raise ConfigError(bad_token)
     cfg = cfg.replace(output_dir=host.log_dir(cfg.name), save_model_as="safetensors")
     path = final_path(cfg)
     resuming = bool(cfg.weights) and os.path.abspath(cfg.weights) == os.path.abspath(path)

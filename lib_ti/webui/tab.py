@@ -3,8 +3,8 @@ notice as a top-level tab on hosts that never build a Train tab (Forge).
 
 Form values reach Python as one list that is zipped with the list of names (`TabUI.names`), so
 no handler has thirty positional parameters; ui_form maps them to config fields and job.py does
-the rest. Gradio code sticks to what 3.41 and 4.x share: gr.update, no .style(), `_js` only for
-the functions in javascript/ti_trainer.js.
+the rest. Gradio code sticks to what 3.41 and 4.x share: gr.update, no .style(); the one JS hook
+is passed as `_js` (gradio 3) or `js` (gradio 4, where only Forge shims `_js`).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from lib_ti.webui.ui_form import (
 )
 
 _built = {"train_tab": False}
+_JS_KW = "js" if int(gr.__version__.split(".")[0]) >= 4 else "_js"
 # Our own preview settings when the txt2img tab is not used; the prompt comes from sample_prompts.
 OWN_PREVIEW = {"negative_prompt": "", "steps": 20, "sampler_name": "Euler a", "cfg_scale": 7.0, "seed": -1,
                "width": 512, "height": 512}
@@ -229,7 +230,7 @@ def _wire(ui: TabUI) -> None:
     live = [p["status"], p["plot"], p["norms"], p["load_check"], p["gallery"], p["checkpoints"], p["seen"]]
     p["train"].click(
         fn=wrap_gradio_gpu_call(start, extra_outputs=[gr.update()]),
-        _js="ti_trainer_start", inputs=inputs, outputs=[p["status"], p["error"]],
+        inputs=inputs, outputs=[p["status"], p["error"]], **{_JS_KW: "ti_trainer_start"},
     ).then(fn=ui_handlers.refresh, inputs=[p["task_id"], p["seen"]], outputs=live)
     p["refresh"].click(fn=ui_handlers.refresh, inputs=[p["task_id"], p["seen"]], outputs=live, queue=False)
     p["interrupt"].click(fn=ui_handlers.interrupt, inputs=[p["task_id"]], outputs=[p["notice"]],

@@ -11,7 +11,6 @@ from typing import Any
 import gradio as gr
 
 from lib_ti.config import ConfigError
-from lib_ti.tokens import TokenError, check_token_string
 from lib_ti.webui import host_model, job, plot
 from lib_ti.webui.tasks import REGISTRY, Task
 from lib_ti.webui.ui_form import LABELS, NEW_EMBEDDING, list_embeddings, to_config_values
@@ -87,20 +86,6 @@ def find_task(task_id: str | None) -> Task | None:
     return task or REGISTRY.latest()
 
 
-def token_problem(cfg_values: dict[str, Any]) -> dict[str, str]:
-    """Check the token against the loaded model's tokenizer before anything is prepared, so the
-    message names the field; without a model, training itself will say why it cannot start."""
-    token = cfg_values.get("token_string") or ""
-    try:
-        model = host_model.borrow()  # tokenizing does not depend on clip skip
-        check_token_string(model, token)
-    except TokenError as e:
-        return {e.field: str(e)}
-    except Exception:  # host refusals are reported by the run itself, with the host's words
-        return {}
-    return {}
-
-
 def train(id_task: str, form: dict[str, Any], preview: dict[str, Any] | None) -> tuple[Any, str]:
     """The Train button's body (under the host's queue lock): (status HTML or no change, error HTML)."""
     keep = gr.update()
@@ -110,12 +95,9 @@ def train(id_task: str, form: dict[str, Any], preview: dict[str, Any] | None) ->
             return keep, message_html("Interrupted before the run started.", "info")
     values = to_config_values(form, _embeddings_dir())
     try:
-        job.make_config(values)  # cheap, and reports every bad field at once
+        job.make_config(values)  # cheap, and reports every bad field at once, the token included
     except ConfigError as e:
         return keep, errors_html(e.errors)
-    bad = token_problem(values)
-    if bad:
-        return keep, errors_html(bad)
     try:
         task = job.ui_train(id_task, values, preview)
     except ConfigError as e:  # e.g. the file appeared since the check above
