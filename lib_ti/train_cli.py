@@ -99,6 +99,31 @@ def _resuming(cfg: TrainConfig, path: Path) -> bool:
     return bool(cfg.weights) and Path(cfg.weights).resolve() == path.resolve()
 
 
+def sample_prompts(cfg: TrainConfig) -> list[str]:
+    """sample_prompts: a file (one prompt a line, # comments) or the prompts themselves."""
+    text = cfg.sample_prompts.strip()
+    if text and "\n" not in text and Path(text).is_file():
+        text = Path(text).read_text(encoding="utf-8")
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")]
+    return lines or [f"a photo of {cfg.token_string}"]
+
+
+def render_samples(cfg: TrainConfig, model: Any, emb: Embedding, step: int) -> list[str]:
+    """Previews into <output_dir>/sample/, as kohya does; the training size unless a line says."""
+    from lib_ti.family.preview import parse_prompt_line, render
+
+    w, h = cfg.resolution_wh()
+    out = Path(cfg.output_dir or ".") / "sample"
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, line in enumerate(sample_prompts(cfg)):
+        opts = {"width": w, "height": h, "seed": max(cfg.seed, 0) + i, **parse_prompt_line(line)}
+        path = out / f"{cfg.name}-{step:06d}-{i}.png"
+        render(model, cfg.token_string, emb.vectors, **opts).save(path)
+        paths.append(str(path))
+    return paths
+
+
 def distributed() -> tuple[int, int, Any]:
     """(rank, world_size, all_reduce) from accelerate/torch.distributed when launched that way."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -156,8 +181,14 @@ def train(cfg: TrainConfig) -> TrainResult:
         elif p.message:
             print(p.message, flush=True)
 
+    def sample(step: int, emb: Embedding) -> None:
+        if rank == 0:
+            for path in render_samples(cfg, model, emb, step):
+                print(f"preview: {path}", flush=True)
+
     cb = Callbacks(
         progress=progress,
+        on_sample=sample,
         on_checkpoint=lambda emb, final: saver.checkpoint(emb, final) if rank == 0 else None,
         log=lambda msg: print(f"note: {msg}", flush=True) if rank == 0 else None,
         all_reduce=reduce, rank=rank, world_size=world,

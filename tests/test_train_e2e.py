@@ -160,6 +160,8 @@ resolution = 64
 max_train_steps = 4
 save_every_n_steps = 2
 validation_every_n_steps = 2
+sample_every_n_steps = 2
+sample_prompts = "a photo of {TOKEN} --s 2"
 xformers = true
 """)
     run = subprocess.run([sys.executable, "-m", "lib_ti", "train", "--config_file", str(toml)],
@@ -167,6 +169,7 @@ xformers = true
     assert run.returncode == 0, run.stderr + run.stdout
     assert "xformers" in run.stdout  # accepted and explained
     assert (out / f"{TOKEN}.safetensors").exists() and (out / f"{TOKEN}-2.safetensors").exists()
+    assert sorted(p.name for p in (out / "sample").iterdir()) == [f"{TOKEN}-000002-0.png", f"{TOKEN}-000004-0.png"]
     info = subprocess.run([sys.executable, "-m", "lib_ti", "inspect", str(out / f"{TOKEN}.safetensors"), "--json"],
                           capture_output=True, text=True, timeout=120)
     assert info.returncode == 0, info.stderr

@@ -1,0 +1,72 @@
+"""Preview images for the CLI, with the live vectors, through diffusers' own pipelines.
+
+The WebUI renders its previews with the host's txt2img instead; this is the headless path.
+Prompt lines accept kohya's sample-prompt options: `--n negative --w 512 --h 512 --d seed
+--l cfg --s steps`.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import EulerDiscreteScheduler
+from PIL import Image
+
+from lib_ti.family.diffusers_sd import DiffusersModel
+
+_OPTS = {"n": ("negative_prompt", str), "w": ("width", int), "h": ("height", int), "d": ("seed", int),
+         "l": ("cfg_scale", float), "s": ("steps", int)}
+
+
+def parse_prompt_line(line: str) -> dict[str, Any]:
+    """'a photo of tok --w 768 --s 30' -> {'prompt': 'a photo of tok', 'width': 768, 'steps': 30}."""
+    head, *rest = re.split(r"\s--(?=[nwhdls]\s)", " " + line.strip())
+    out: dict[str, Any] = {"prompt": head.strip()}
+    for part in rest:
+        key, _, value = part.partition(" ")
+        name, conv = _OPTS[key]
+        try:
+            out[name] = conv(" ".join(shlex.split(value)) if conv is str else value.strip())
+        except ValueError:
+            continue  # a malformed option is left out, as kohya does
+    return out
+
+
+@torch.no_grad()
+def render(model: DiffusersModel, token: str, vectors: dict[str, torch.Tensor], prompt: str,
+           negative_prompt: str = "", width: int = 512, height: int = 512, steps: int = 20,
+           cfg_scale: float = 7.0, seed: int = 0) -> Image.Image:
+    """One image: our own prompt encoding (vectors spliced in) fed to the family's pipeline as
+    prompt embeddings; latents decoded here in fp32, since the VAE always stays fp32."""
+    dev = model.device
+    vecs = {k: v.to(dev) for k, v in vectors.items()}
+    cond = model.encode_prompts([prompt], token, vecs)
+    uncond = model.encode_prompts([negative_prompt], token, vecs)
+    kw: dict[str, Any] = dict(num_inference_steps=steps, guidance_scale=cfg_scale, width=width, height=height,
+                              generator=torch.Generator(device="cpu").manual_seed(seed), output_type="latent")
+    scheduler = EulerDiscreteScheduler.from_config(model.scheduler.config)
+    if model.family == "sdxl":
+        from diffusers import StableDiffusionXLPipeline
+
+        pipe = StableDiffusionXLPipeline(vae=model.vae, text_encoder=model.text_encoder,
+                                         text_encoder_2=model.text_encoder_2, tokenizer=model.tokenizer,
+                                         tokenizer_2=model.tokenizer_2, unet=model.unet, scheduler=scheduler)
+        kw.update(prompt_embeds=cond.crossattn.to(model.dtype), pooled_prompt_embeds=cond.pooled.to(model.dtype),
+                  negative_prompt_embeds=uncond.crossattn.to(model.dtype),
+                  negative_pooled_prompt_embeds=uncond.pooled.to(model.dtype))
+    else:
+        from diffusers import StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline(vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer,
+                                       unet=model.unet, scheduler=scheduler, safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)
+        kw.update(prompt_embeds=cond.to(model.dtype), negative_prompt_embeds=uncond.to(model.dtype))
+    pipe.set_progress_bar_config(disable=True)
+    latents = pipe(**kw).images
+    image = model.vae.decode(latents.float() / model.vae_scale).sample[0]
+    arr = ((image.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(np.ascontiguousarray(arr))
