@@ -257,3 +257,19 @@ def human(n: float) -> str:
         if abs(n) >= size:
             return f"{n / size:.2f} {unit}"
     return f"{n:.0f} B"
+
+
+def step_setup(args: argparse.Namespace, model, work: Path) -> tuple[TrainConfig, torch.Tensor, list[str], int]:
+    """What both step benches share: a small image folder, the config, and one fixed batch of
+    latents and prompts. Returns (cfg, latents, texts, resolution)."""
+    res = resolution(args)
+    caption = f"a photo of {TOKEN}"
+    data = write_images(work / "data", max(4, 2 * args.batch), res, caption)
+    cfg = train_config(
+        data, work / "out", resolution=str(res), train_batch_size=args.batch,
+        num_vectors_per_token=args.vectors, mixed_precision=args.precision,
+        gradient_checkpointing=args.checkpointing, max_train_steps=args.warmup + args.steps + 1)
+    gen = torch.Generator().manual_seed(0)
+    pixels = torch.rand(args.batch, 3, res, res, generator=gen) * 2 - 1
+    latents = model.encode_images(pixels.to(model.device))
+    return cfg, latents, [caption] * args.batch, res

@@ -111,16 +111,7 @@ def ours_optimizer_bytes(cfg, model, n: int) -> tuple[int, int]:
 
 def measure(args: argparse.Namespace, model, work: Path) -> dict:
     dev = model.device
-    res = common.resolution(args)
-    caption = f"a photo of {common.TOKEN}"
-    data = common.write_images(work / "data", max(4, 2 * args.batch), res, caption)
-    cfg = common.train_config(
-        data, work / "out", resolution=str(res), train_batch_size=args.batch,
-        num_vectors_per_token=args.vectors, mixed_precision=args.precision,
-        gradient_checkpointing=args.checkpointing, max_train_steps=args.warmup + args.steps + 1)
-    gen = torch.Generator().manual_seed(0)
-    latents = model.encode_images((torch.rand(args.batch, 3, res, res, generator=gen) * 2 - 1).to(dev))
-    texts = [caption] * args.batch
+    cfg, latents, texts, res = common.step_setup(args, model, work)
     meter = common.PeakMeter(dev)
     out: dict = {"res": res}
     vec_bytes = common.tensor_bytes(torch.zeros(args.vectors, w) for w in model.slots().values())

@@ -48,17 +48,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 def measure(args: argparse.Namespace, model, work: Path) -> dict:
     dev = model.device
-    res = common.resolution(args)
-    caption = f"a photo of {common.TOKEN}"
-    data = common.write_images(work / "data", max(4, 2 * args.batch), res, caption)
-    cfg = common.train_config(
-        data, work / "out", resolution=str(res), train_batch_size=args.batch,
-        num_vectors_per_token=args.vectors, mixed_precision=args.precision,
-        gradient_checkpointing=args.checkpointing, max_train_steps=args.warmup + args.steps + 1)
-    gen = torch.Generator().manual_seed(0)
-    pixels = torch.rand(args.batch, 3, res, res, generator=gen) * 2 - 1
-    latents = model.encode_images(pixels.to(dev))
-    floor = common.Floor(model, cfg, latents, [caption] * args.batch, args.vectors)
+    cfg, latents, texts, res = common.step_setup(args, model, work)
+    floor = common.Floor(model, cfg, latents, texts, args.vectors)
 
     now = common.clock(args)
     ours: list[float] = []
