@@ -190,16 +190,18 @@ def _loop(cfg: TrainConfig, model: TrainableModel, cb: Callbacks, prep: Prepared
             per = loss_on(model, cfg.token_string, vectors, latents.to(dev), noise.to(dev), t.to(dev),
                           texts, sizes, alphas, cfg)
             loss = (per * weights).mean()
-        if not torch.isfinite(loss):
-            status, message = "nan", f"the loss became {float(loss.detach())} at step {step}; kept the last good vectors"
-            break
         if loss.requires_grad:  # a batch whose prompts all lack the token teaches nothing
             scaler.scale(loss / cfg.gradient_accumulation_steps).backward()
-        running.append(float(loss.detach()))
+        running.append(loss.detach())  # no float() here: one device sync per optimizer step, below
         accum += 1
         if accum < cfg.gradient_accumulation_steps:
             continue
         accum = 0
+        step_loss = float(torch.stack(running).mean())
+        running = []
+        if not math.isfinite(step_loss):  # the vectors are still the last good ones: no update yet
+            status, message = "nan", f"the loss became {step_loss} at step {step}; kept the last good vectors"
+            break
         for v in vectors.values():
             if v.grad is None:  # no prompt of these batches named the token (prepare checked some do)
                 v.grad = torch.zeros_like(v)
@@ -222,8 +224,7 @@ def _loop(cfg: TrainConfig, model: TrainableModel, cb: Callbacks, prep: Prepared
             good[k].copy_(v.detach())
         step += 1
         steps_timed += 1
-        losses.append((step, sum(running) / len(running)))
-        running = []
+        losses.append((step, step_loss))
         val = None
         if prep.validation is not None and step % cfg.validation_every_n_steps == 0:
             val = validation_loss(model, cfg, prep.validation, vectors, alphas)
@@ -233,7 +234,7 @@ def _loop(cfg: TrainConfig, model: TrainableModel, cb: Callbacks, prep: Prepared
         cb.progress(Progress(
             "training", step, max_steps, epoch, losses[-1][1], sum(recent) / len(recent), lr_for(step - 1),
             val if val is not None else (vals[-1][1] if vals else None),
-            {k: [float(x) for x in v.detach().norm(dim=-1)] for k, v in vectors.items()},
+            {k: v.detach().norm(dim=-1).tolist() for k, v in vectors.items()},
             elapsed / steps_timed * (max_steps - step),
         ))
         if cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0 and step < max_steps:
