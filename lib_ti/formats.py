@@ -10,10 +10,8 @@ accepts the old `ParameterDict` files.
 from __future__ import annotations
 
 import os
-import pickle
 import re
 import tempfile
-import types
 from collections.abc import Callable
 from typing import Any
 
@@ -21,6 +19,7 @@ import safetensors
 import safetensors.torch
 import torch
 
+from lib_ti import safe_pickle
 from lib_ti.embedding import Embedding
 from lib_ti.family.base import SDXL_SLOTS, SINGLE_SLOT
 
@@ -39,54 +38,15 @@ class OverwriteError(FormatError, FileExistsError):
     """The target exists and overwrite was not asked for."""
 
 
-# Everything an A1111/paper-code .pt needs, and nothing that can call out: no getattr, no eval,
-# no arbitrary classes. Storage types never reach here (torch's wrapper resolves them first).
-_SAFE_GLOBALS = {
-    "collections": {"OrderedDict"},
-    "builtins": {"set", "frozenset", "dict", "list", "tuple", "int", "float", "str", "bool", "bytes"},
-    "torch._utils": {"_rebuild_tensor", "_rebuild_tensor_v2", "_rebuild_tensor_v3",
-                     "_rebuild_parameter", "_rebuild_parameter_with_state"},
-    "torch._tensor": {"_rebuild_from_type_v2"},
-    "torch": {"Tensor", "Size"},
-    "torch.nn.parameter": {"Parameter"},
-    "torch.nn.modules.container": {"ParameterDict"},
-}
-_OLD_MODULES = {"__builtin__": "builtins", "copy_reg": "copyreg"}  # protocol-2 pickles from Python 2 era
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str) -> Any:
-        module = _OLD_MODULES.get(module, module)
-        is_dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
-        if name in _SAFE_GLOBALS.get(module, ()) or is_dtype:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refused to load {module}.{name}: an embedding never needs it")
-
-
-# torch.load accepts a pickle module; giving it ours keeps torch's storage handling (zip and legacy
-# formats) while every global still passes our allow-list.
-_safe_pickle = types.ModuleType("lib_ti_safe_pickle")
-_safe_pickle.Unpickler = _RestrictedUnpickler  # type: ignore[attr-defined]
-_safe_pickle.load = lambda f, **kw: _RestrictedUnpickler(f, **kw).load()  # type: ignore[attr-defined]
-
-
-def _load_pickle(path: str) -> Any:
-    # weights_only first; an unknown global (an old ParameterDict) retries with our allow-list
-    for kw in ({"weights_only": True}, {"weights_only": False, "pickle_module": _safe_pickle}):
-        try:  # a file object: torch >= 2.10 would treat a *.safetensors path as safetensors
-            with open(path, "rb") as f:
-                return torch.load(f, map_location="cpu", **kw)
-        except pickle.UnpicklingError as e:
-            if not kw["weights_only"]:
-                raise FormatError(f"{path}: {_first_line(e)}; the file was not loaded") from None
-        except Exception as e:
-            raise FormatError(f"{path}: not a readable torch file ({type(e).__name__}: {_first_line(e)})") from None
-    return None  # unreachable: the second attempt returns or raises
+def _load_pickle_checked(path: str) -> Any:
+    try:
+        return safe_pickle.load(path)
+    except safe_pickle.UnsafeFileError as e:
+        raise FormatError(str(e)) from None
 
 
 def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [""])[0][:300]
-
 
 
 def _sniff(path: str) -> str:
@@ -179,7 +139,7 @@ def _read(path: str, name: str | None = None, pair: bool = True) -> tuple[Embedd
                 return _from_tensors(path, keys, f.get_tensor, dict(f.metadata() or {}), name, pair, False)
         except safetensors.SafetensorError as e:
             raise FormatError(f"{path}: damaged safetensors file ({_first_line(e)})") from None
-    data = _load_pickle(path)
+    data = _load_pickle_checked(path)
     if not isinstance(data, dict):
         raise FormatError(f"{path}: holds a {type(data).__name__}, not a dict of tensors")
     if "string_to_param" in data:
