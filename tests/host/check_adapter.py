@@ -1,15 +1,16 @@
 """lib_ti/webui/host_model.py inside a REAL WebUI host: run with the host's python.
 
-    <host python> tests/host/check_adapter.py --host-dir HOST --tiny-dir TINY --family sd1|sdxl
+    <host python> tests/host/check_adapter.py --host-dir HOST --tiny-dir TINY --family sd1|sd2|sdxl
         [--checkpointing] [--host-arg=--medvram ...] [--data-dir DIR]
 
 TINY is what make_tiny_checkpoint.py wrote (its hf-home/ and models/). The host is booted in this
 process the way webui.py boots it (initialize.imports, initialize.initialize), offline, on the CPU,
 with DIR as --data-dir so the install's own settings and embeddings are not touched. Checks:
 
+- the host took the checkpoint for its family (SD2: is_sd2, v-parameterization, the OpenCLIP wrapper);
 - the adapter's reads agree with the host (tokenizer, init rows = encode_embedding_init_text,
   alphas_cumprod_original, VAE encode; SDXL: an fp16 VAE encodes in fp32 and stays fp16);
-- a few manual steps (noise, timesteps, MSE, AdamW on the vectors): only the vectors get
+- a few manual steps (noise, timesteps, MSE to the eps / v target, AdamW on the vectors): only the vectors get
   gradients, the db holds the live vectors, previews rendered meanwhile follow them;
 - afterwards every requires_grad flag, hook, module mode, instance attribute, embedding-db entry
   and SDXL embedder flag is as before, also after an exception inside training();
@@ -35,7 +36,7 @@ def parse() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--host-dir", default=os.environ.get("TI_TRAINER_HOST_DIR", ""))
     ap.add_argument("--tiny-dir", required=True)
-    ap.add_argument("--family", choices=["sd1", "sdxl"], default="sd1")
+    ap.add_argument("--family", choices=["sd1", "sd2", "sdxl"], default="sd1")
     ap.add_argument("--checkpointing", action="store_true")
     ap.add_argument("--host-arg", action="append", default=[], help="extra host flag, e.g. --host-arg=--medvram")
     ap.add_argument("--data-dir", default="")
@@ -141,7 +142,15 @@ def main() -> int:
 
     # -- reads
     check("family", model.family == fam, model.family)
-    check("prediction type", model.prediction_type in ("epsilon", "v_prediction"), model.prediction_type)
+    want = "v_prediction" if fam == "sd2" else "epsilon"
+    check("prediction type", model.prediction_type == want, model.prediction_type)
+    flags = {k: getattr(m, k, None) for k in ("is_sd1", "is_sd2", "is_sdxl")}
+    check("the host's model type", flags == {f"is_{f}": f == fam for f in ("sd1", "sd2", "sdxl")}, flags)
+    if fam == "sd2":
+        wrapper = type(m.cond_stage_model).__name__
+        check("SD2: v-parameterization, OpenCLIP wrapper, penultimate layer",
+              m.parameterization == "v" and wrapper == "FrozenOpenCLIPEmbedderWithCustomWords"
+              and m.cond_stage_model.wrapped.layer_idx == 1, f"{m.parameterization} {wrapper}")
     ids = model.tokenize(TOKEN)
     check("tokenize = the db's tokenize", ids == list(m.cond_stage_model.tokenize([TOKEN])[0]),
           f"{ids} {model.decode_tokens(ids)}")
@@ -199,7 +208,8 @@ def main() -> int:
             x_t = ab.sqrt() * lat + (1 - ab).sqrt() * noise
             cond = model.encode_prompts(texts, TOKEN, vectors, sizes)
             pred = model.predict(x_t.to(model.device, model.dtype), t.to(model.device), cond)
-            loss = torch.nn.functional.mse_loss(pred.float(), noise.to(pred.device))
+            target = ab.sqrt() * noise - (1 - ab).sqrt() * lat if want == "v_prediction" else noise
+            loss = torch.nn.functional.mse_loss(pred.float(), target.to(pred.device))
             loss.backward()
             if i == 0:
                 live = db.word_embeddings.get(TOKEN)

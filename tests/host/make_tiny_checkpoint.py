@@ -1,13 +1,16 @@
 """Write tiny random checkpoints the real WebUI host can load offline, for the opt-in host tests.
 
-    <host python> tests/host/make_tiny_checkpoint.py --out DIR [--host-dir HOST] [--family sd1 sdxl]
+    <host python> tests/host/make_tiny_checkpoint.py --out DIR [--host-dir HOST] [--family sd1 sd2 sdxl]
 
 Writes into DIR:
   hf-home/                      an HF cache (point HF_HOME at it) with
     hub/models--openai--clip-vit-large-patch14   tokenizer from the real CLIP BPE vocabulary (the
                                                  file open_clip ships) + a tiny CLIP config
     hub/models--ti-trainer-tests--tiny-open-clip (sdxl) tiny OpenCLIP config + weights for clip_g
+    hub/models--ti-trainer-tests--tiny-open-clip-h (sd2) the same for SD2's OpenCLIP-H-like encoder
   models/Stable-diffusion/tiny-sd1.safetensors   + tiny-sd1.yaml   (ldm LatentDiffusion layout)
+  models/Stable-diffusion/tiny-sd2.safetensors   + tiny-sd2.yaml   (ldm, 768-v style: v-prediction,
+                                                 FrozenOpenCLIPEmbedder, penultimate layer)
   models/Stable-diffusion/tiny-sdxl.safetensors  + tiny-sdxl.yaml  (sgm DiffusionEngine layout)
 
 The checkpoint part builds the models with the host's own `ldm` / `sgm` classes (found under
@@ -16,7 +19,8 @@ ones the host loads; run it with the host's python. Nothing of the host is copie
 The tokenizer part (`write_clip_l_hf_cache`) needs no host: only transformers and the open_clip
 package files (never imported).
 
-Tiny shapes: CLIP-L text hidden 64 / 2 layers; OpenCLIP (clip_g) text width 96 / 2 layers; UNet 32
+Tiny shapes: CLIP-L text hidden 64 / 2 layers; OpenCLIP (clip_g) text width 96 / 2 layers; SD2's
+OpenCLIP text width 80 / 3 layers (penultimate: 2 used); UNet 32
 channels, two levels; VAE 32 channels, downscale 8. ldm/sgm initialise some output layers to
 zero (`zero_module`), which would make every gradient reaching an embedding zero, so those are
 re-randomised.
@@ -35,11 +39,14 @@ if REPO not in sys.path:  # run as a script: lib_ti comes from this checkout
 
 CLIP_L_REPO = "openai/clip-vit-large-patch14"
 OPEN_CLIP_REPO = "ti-trainer-tests/tiny-open-clip"  # clip_g, loaded by open_clip as "hf-hub:<repo>"
+OPEN_CLIP_H_REPO = "ti-trainer-tests/tiny-open-clip-h"  # SD2's text encoder, the same way
 REVISION = "0" * 40  # any 40-hex "commit"; refs/main points at it
 
 CLIP_L_HIDDEN = 64
 CLIP_G_WIDTH = 96
 CLIP_LAYERS = 2
+CLIP_H_WIDTH = 80
+CLIP_H_LAYERS = 3
 VOCAB_SIZE = 49408
 
 
@@ -249,15 +256,25 @@ model:
           target: torch.nn.Identity
 """
 
+# SD2 (768-v): the layout of stablediffusion's configs/stable-diffusion/v2-inference-v.yaml, small.
+SD2_YAML = (SD1_YAML
+            .replace("# Tiny SD1 for tests: the layout of configs/v1-inference.yaml with small widths.",
+                     "# Tiny SD2-v for tests: the layout of configs/stable-diffusion/v2-inference-v.yaml with small\n"
+                     "# widths. The text encoder comes from the open_clip \"hf-hub:{openclip}\" cache entry.")
+            .replace("  params:\n    linear_start", "  params:\n    parameterization: \"v\"\n    linear_start")
+            .replace("        num_heads: 2\n", "        num_head_channels: 16\n        use_linear_in_transformer: True\n")
+            .replace("FrozenCLIPEmbedder\n", "FrozenOpenCLIPEmbedder\n      params:\n        arch: hf-hub:{openclip}\n"
+                     "        version: null\n        freeze: True\n        layer: \"penultimate\"\n"))
 
-def tiny_open_clip_config() -> dict:
-    """open_clip_config.json for a tiny ViT-bigG-shaped OpenCLIP (only the text tower is kept by sgm)."""
+
+def tiny_open_clip_config(width: int = CLIP_G_WIDTH, layers: int = CLIP_LAYERS) -> dict:
+    """open_clip_config.json for a tiny ViT-bigG/ViT-H-shaped OpenCLIP (only the text tower is kept)."""
     return {
         "model_cfg": {
-            "embed_dim": CLIP_G_WIDTH,
+            "embed_dim": width,
             "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16},
-            "text_cfg": {"context_length": 77, "vocab_size": VOCAB_SIZE, "width": CLIP_G_WIDTH,
-                         "heads": 2, "layers": CLIP_LAYERS},
+            "text_cfg": {"context_length": 77, "vocab_size": VOCAB_SIZE, "width": width,
+                         "heads": 2, "layers": layers},
         },
         "preprocess_cfg": {"mean": [0.48145466, 0.4578275, 0.40821073],
                            "std": [0.26862954, 0.26130258, 0.27577711]},
@@ -336,23 +353,49 @@ def make_sd1(out: str, seed: int) -> str:
     return path
 
 
-def make_sdxl(out: str, hf_home: str, seed: int) -> str:
+def write_open_clip_hf_cache(hf_home: str, repo: str, width: int, layers: int, seed: int) -> None:
+    """open_clip reads "hf-hub:<repo>" as open_clip_config.json + weights from the HF cache."""
     import open_clip  # the host's copy; only here, in the host's python
     import torch
-    from omegaconf import OmegaConf
-    from sgm.util import instantiate_from_config
 
-    # clip_g: open_clip reads "hf-hub:<repo>" as open_clip_config.json + weights from the HF cache.
-    snap = _snapshot_dir(hf_home, OPEN_CLIP_REPO)
-    cfg = tiny_open_clip_config()
+    snap = _snapshot_dir(hf_home, repo)
+    cfg = tiny_open_clip_config(width, layers)
     with open(os.path.join(snap, "open_clip_config.json"), "w") as f:
         json.dump(cfg, f, indent=1)
     torch.manual_seed(seed)
-    clip_g = open_clip.model.CLIP(**cfg["model_cfg"])
+    clip = open_clip.model.CLIP(**cfg["model_cfg"])
     # Legacy (non-zip) torch format: the host's restricted unpickler (modules/safe.py) rejects the
     # zip entries new torch writes, and open_clip 2.20 reads weights with plain torch.load.
-    torch.save(clip_g.state_dict(), os.path.join(snap, "open_clip_pytorch_model.bin"),
+    torch.save(clip.state_dict(), os.path.join(snap, "open_clip_pytorch_model.bin"),
                _use_new_zipfile_serialization=False)
+
+
+def make_sd2(out: str, hf_home: str, seed: int) -> str:
+    """SD2 768-v style: v-prediction, FrozenOpenCLIPEmbedder (penultimate). The text weights in the
+    checkpoint (cond_stage_model.model.*) replace the cache entry's when the host loads it."""
+    import torch
+    from ldm.util import instantiate_from_config
+    from omegaconf import OmegaConf
+
+    write_open_clip_hf_cache(hf_home, OPEN_CLIP_H_REPO, CLIP_H_WIDTH, CLIP_H_LAYERS, seed)
+    ckpt_dir = os.path.join(out, "models", "Stable-diffusion")
+    os.makedirs(ckpt_dir, exist_ok=True)
+    yaml_text = SD2_YAML.replace("{ctx}", str(CLIP_H_WIDTH)).replace("{openclip}", OPEN_CLIP_H_REPO)
+    with open(os.path.join(ckpt_dir, "tiny-sd2.yaml"), "w") as f:
+        f.write(yaml_text)
+    torch.manual_seed(seed)
+    model = instantiate_from_config(OmegaConf.create(yaml_text).model)
+    _rerandomise(model, seed)  # UNet/VAE zero layers and the text side's zero biases (ln_final among them)
+    path = os.path.join(ckpt_dir, "tiny-sd2.safetensors")
+    _save(model, path)
+    return path
+
+
+def make_sdxl(out: str, hf_home: str, seed: int) -> str:
+    from omegaconf import OmegaConf
+    from sgm.util import instantiate_from_config
+
+    write_open_clip_hf_cache(hf_home, OPEN_CLIP_REPO, CLIP_G_WIDTH, CLIP_LAYERS, seed)
 
     ckpt_dir = os.path.join(out, "models", "Stable-diffusion")
     os.makedirs(ckpt_dir, exist_ok=True)
@@ -375,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, help="folder to write hf-home/ and models/ into")
     ap.add_argument("--host-dir", default=os.environ.get("TI_TRAINER_HOST_DIR", ""),
                     help="WebUI root (default $TI_TRAINER_HOST_DIR)")
-    ap.add_argument("--family", nargs="+", choices=["sd1", "sdxl"], default=["sd1"])
+    ap.add_argument("--family", nargs="+", choices=["sd1", "sd2", "sdxl"], default=["sd1"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tokenizer-only", action="store_true", help="only write the HF cache entry for CLIP-L")
     a = ap.parse_args(argv)
@@ -395,7 +438,9 @@ def main(argv: list[str] | None = None) -> int:
     _host_paths(os.path.abspath(a.host_dir))
     _patch_from_pretrained()
     for fam in a.family:
-        path = make_sd1(out, a.seed) if fam == "sd1" else make_sdxl(out, hf_home, a.seed)
+        make = {"sd1": lambda: make_sd1(out, a.seed), "sd2": lambda: make_sd2(out, hf_home, a.seed),
+                "sdxl": lambda: make_sdxl(out, hf_home, a.seed)}[fam]
+        path = make()
         print(f"wrote {path}")
     print(f"HF_HOME={hf_home}")
     print(f"--ckpt-dir {os.path.join(out, 'models', 'Stable-diffusion')}")

@@ -44,7 +44,7 @@ def run(args: list[str], timeout: int = 900) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny")
-    r = run([str(HERE / "make_tiny_checkpoint.py"), "--out", str(out), "--host-dir", HOST, "--family", "sd1", "sdxl"])
+    r = run([str(HERE / "make_tiny_checkpoint.py"), "--out", str(out), "--host-dir", HOST, "--family", "sd1", "sd2", "sdxl"])
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return out
 
@@ -54,7 +54,9 @@ def tiny(tmp_path_factory) -> Path:
     ("sd1", ["--checkpointing", "--host-arg=--medvram"]),
     ("sdxl", ["--checkpointing"]),
     ("sdxl", ["--host-arg=--medvram-sdxl"]),
-], ids=["sd1", "sd1-checkpointing-medvram", "sdxl-checkpointing", "sdxl-medvram"])
+    ("sd2", []),
+    ("sd2", ["--checkpointing", "--host-arg=--medvram"]),
+], ids=["sd1", "sd1-checkpointing-medvram", "sdxl-checkpointing", "sdxl-medvram", "sd2-v", "sd2-v-checkpointing-medvram"])
 def test_adapter_in_the_real_host(tiny, tmp_path, family, options):
     r = run([str(HERE / "check_adapter.py"), "--host-dir", HOST, "--tiny-dir", str(tiny), "--family", family,
              "--data-dir", str(tmp_path / "data"), *options])

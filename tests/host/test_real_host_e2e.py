@@ -15,6 +15,8 @@ on 127.0.0.1 with its settings and embeddings folder in a temporary folder (test
   3. SD1 in the browser: Train -> TI Trainer, fill the form, Train, wait for the tab to say done
      and that the host loaded the file; screenshot to artifacts/real-host-tab.png;
   4. SDXL (when its tiny checkpoint exists) over HTTP as in 2.
+  5. SD2 768-v style (v-prediction, OpenCLIP text encoder, penultimate layer; when its tiny
+     checkpoint exists) over HTTP as in 2.
 """
 
 from __future__ import annotations
@@ -82,7 +84,7 @@ def tiny(host_python, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny")
     env = {**os.environ, **host_server.OFFLINE_ENV}
     r = subprocess.run([host_python, str(HERE / "make_tiny_checkpoint.py"), "--out", str(out), "--host-dir", HOST,
-                        "--family", "sd1", "sdxl"], capture_output=True, text=True, timeout=600, env=env)
+                        "--family", "sd1", "sd2", "sdxl"], capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return out
 
@@ -353,3 +355,8 @@ def test_sd1_tab_train_in_the_browser(hosts, tmp_path):
 def test_sdxl_api_train_then_the_host_uses_it(hosts, tmp_path):
     out = api_round_trip(hosts, "sdxl", tmp_path)
     print(f"\nsdxl api: {json.dumps(out, default=str)}")
+
+
+def test_sd2_v_api_train_then_the_host_uses_it(hosts, tmp_path):
+    out = api_round_trip(hosts, "sd2", tmp_path)
+    print(f"\nsd2 api: {json.dumps(out, default=str)}")
