@@ -146,17 +146,24 @@ def test_bad_token_and_init_word_are_clear(tiny_sd1, tmp_path):
     assert e.value.field == "init_word" and "teddy" in str(e.value)
 
 
-def test_cli_train_and_inspect(tiny_sd1_dir, tmp_path):
+def cli_config(model_dir, tmp_path, extra: str) -> tuple:
+    """An args.toml for `python -m lib_ti train` on a tiny model folder; returns (toml, out)."""
     data = make_images(tmp_path / "data")
     out = tmp_path / "out"
     toml = tmp_path / "args.toml"
     toml.write_text(f"""
-pretrained_model_name_or_path = "{tiny_sd1_dir}"
+pretrained_model_name_or_path = "{model_dir}"
 train_data_dir = "{data}"
 output_dir = "{out}"
 token_string = "{TOKEN}"
 init_word = "ball"
 resolution = 64
+""" + extra)
+    return toml, out
+
+
+def test_cli_train_and_inspect(tiny_sd1_dir, tmp_path):
+    toml, out = cli_config(tiny_sd1_dir, tmp_path, f"""
 max_train_steps = 4
 save_every_n_steps = 2
 validation_every_n_steps = 2
@@ -184,16 +191,7 @@ xformers = true
 def test_cli_two_processes_average_gradients(tiny_sd1_dir, tmp_path):
     """What `accelerate launch` / torchrun does on several GPUs, here as two CPU processes (gloo):
     both draw their own batches, gradients are averaged, only rank 0 writes."""
-    data = make_images(tmp_path / "data")
-    out = tmp_path / "out"
-    toml = tmp_path / "args.toml"
-    toml.write_text(f"""
-pretrained_model_name_or_path = "{tiny_sd1_dir}"
-train_data_dir = "{data}"
-output_dir = "{out}"
-token_string = "{TOKEN}"
-init_word = "ball"
-resolution = 64
+    toml, out = cli_config(tiny_sd1_dir, tmp_path, """
 max_train_steps = 3
 validation_every_n_steps = 0
 """)

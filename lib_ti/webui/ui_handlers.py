@@ -95,12 +95,8 @@ def train(id_task: str, form: dict[str, Any], preview: dict[str, Any] | None) ->
             return keep, message_html("Interrupted before the run started.", "info")
     values = to_config_values(form, _embeddings_dir())
     try:
-        job.make_config(values)  # cheap, and reports every bad field at once, the token included
+        task = job.ui_train(id_task, values, preview)  # validates first: every bad field, the token too
     except ConfigError as e:
-        return keep, errors_html(e.errors)
-    try:
-        task = job.ui_train(id_task, values, preview)
-    except ConfigError as e:  # e.g. the file appeared since the check above
         return keep, errors_html(e.errors)
     if task.status == "failed":
         return status_html(task), message_html(f"Training failed: {task.error}")
