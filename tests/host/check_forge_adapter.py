@@ -2,7 +2,7 @@
 
     cd FORGE && <forge python> <repo>/tests/host/check_forge_adapter.py --ckpt FILE --data-dir DIR
 
-Prints one JSON line `RESULT {...}`; every check is an assert (exit code 1 on the first failure).
+Prints one JSON line `RESULT {...}` (and writes it to --result); every check is an assert (exit code 1 on the first failure).
 Checks: the adapter's gradient on the vectors equals (a) an out-of-place reference of Forge's
 BasicTransformerBlock (checkpointing on and off) and (b) a central finite difference; a few
 optimizer steps with a Forge txt2img preview in between (the preview turns weights back into
@@ -91,12 +91,13 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--ckpt", required=True)
     ap.add_argument("--data-dir", required=True)
+    ap.add_argument("--result", help="also write the result JSON here (Forge may take over stdout)")
     a = ap.parse_args()
     boot(os.path.abspath(a.ckpt), os.path.abspath(a.data_dir))
 
     import torch
     from backend.nn import unet
-    from modules import shared, sd_models
+    from modules import sd_models, shared
 
     from lib_ti.webui import forge_model, host_model
 
@@ -107,8 +108,10 @@ def main() -> None:
     before = state(m)
     assert any(f[3] for f in before["flags"]), "Forge's weights are expected to be inference tensors"
     model = host_model.borrow()
-    assert isinstance(model, forge_model.ForgeModel) and model.family == "sd1", model
-    assert model.slots() == {"emb": 768}, model.slots()
+    want = {"sd1": {"emb": 768}, "sdxl": {"clip_l": 768, "clip_g": 1280}}
+    assert isinstance(model, forge_model.ForgeModel) and model.family in want, model
+    assert model.slots() == want[model.family], model.slots()
+    result["family"] = model.family
 
     g = torch.Generator().manual_seed(0)
     x0, noise = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 4, 8, 8, generator=g)
@@ -116,10 +119,15 @@ def main() -> None:
     a_t = model.alphas_cumprod()[t].view(-1, 1, 1, 1)
     x_t = a_t.sqrt() * x0 + (1 - a_t).sqrt() * noise
     texts = [f"a photo of {TOKEN}"]
-    start = model.token_embeddings("ball")["emb"][:1].repeat(2, 1)
+    rows = model.token_embeddings("ball")
+    slots = list(rows)
+    # one flat tensor for all slots, so the finite difference moves every vector at once
+    start = torch.cat([rows[k][:1].repeat(2, 1) for k in slots], dim=1)
+    cuts = [rows[k].shape[1] for k in slots]
 
     def loss(v: torch.Tensor) -> torch.Tensor:
-        pred = model.predict(x_t, t, model.encode_prompts(texts, TOKEN, {"emb": v}))
+        vectors = dict(zip(slots, torch.split(v, cuts, dim=1)))
+        pred = model.predict(x_t, t, model.encode_prompts(texts, TOKEN, vectors))
         return torch.nn.functional.mse_loss(pred, noise)
 
     def grad(checkpointing: bool) -> torch.Tensor:
@@ -176,6 +184,9 @@ def main() -> None:
     result["plain_bit_identical"] = txt2img("a photo of a red cat") == plain
     assert result["plain_bit_identical"]
     print("RESULT " + json.dumps(result), flush=True)
+    if a.result:
+        with open(a.result, "w", encoding="utf-8") as f:
+            json.dump(result, f)
 
 
 if __name__ == "__main__":

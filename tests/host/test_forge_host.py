@@ -147,12 +147,12 @@ def wait_task(host: ForgeHost, task_id: str, timeout: float = 300) -> dict:
 
 def test_adapter_inside_forge(tiny_ckpt, tmp_path):
     env = {**os.environ, **host_server.OFFLINE_ENV}
+    out = tmp_path / "result.json"
     run = subprocess.run([forge_python(), str(HERE / "check_forge_adapter.py"), "--ckpt", str(tiny_ckpt),
-                          "--data-dir", str(tmp_path / "data")], cwd=FORGE, env=env, capture_output=True,
-                         text=True, timeout=900)
-    lines = [ln for ln in (run.stdout + "\n" + run.stderr).splitlines() if ln.startswith("RESULT ")]
-    assert run.returncode == 0 and lines, (run.stdout[-4000:], run.stderr[-6000:])
-    result = json.loads(lines[-1][len("RESULT "):])
+                          "--data-dir", str(tmp_path / "data"), "--result", str(out)], cwd=FORGE, env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0 and out.is_file(), (run.stdout[-4000:], run.stderr[-6000:])
+    result = json.loads(out.read_text())
     print(f"\nforge adapter: {json.dumps(result)}")
     assert result["plain_bit_identical"] and result["preview_infotext_ti"]
 
