@@ -19,6 +19,7 @@ import torch
 import yaml
 from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 from diffusers.loaders import single_file_utils as sfu
+from PIL import Image, ImageDraw
 from safetensors.torch import save_file
 
 from lib_ti.family import random_models
@@ -211,3 +212,14 @@ def write_checkpoint(family: str, folder, tokenizer_dir, seed: int = 0, ckpt: bo
         "safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
     pipe_cls(**parts, **extra).save_pretrained(str(folder / f"diffusers-{family}"), safe_serialization=True)
     return path, folder / f"diffusers-{family}"
+
+
+def images(folder: Path, caption: str, n: int = 2) -> Path:
+    """n 64 px pictures of a red disc, each with `caption` beside it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        img = Image.new("RGB", (64, 64), (20, 40, 200))
+        ImageDraw.Draw(img).ellipse([8 + 8 * i, 10, 36 + 8 * i, 38], fill=(220, 30, 30))
+        img.save(folder / f"img{i}.png")
+        (folder / f"img{i}.txt").write_text(caption)
+    return folder

@@ -27,7 +27,6 @@ from lib_ti.family.diffusers_sd import DiffusersModel, DiffusersSD
 from lib_ti.family.diffusers_sdxl import DiffusersSDXL
 from lib_ti.family.single_file_configs import CheckpointError
 
-
 # A model path that cannot be used, folder or file: a PrepareError on pretrained_model_name_or_path (CLI exit 2).
 ModelFolderError = CheckpointError
 

@@ -82,7 +82,7 @@ class CheckpointError(PrepareError):
     """A checkpoint that cannot be used, said about `pretrained_model_name_or_path` (CLI exit 2)."""
 
     def __init__(self, message: str):
-        super().__init__("pretrained_model_name_or_path", message)
+        super().__init__("pretrained_model_name_or_path", f"pretrained_model_name_or_path: {message}")
 
 
 @dataclass

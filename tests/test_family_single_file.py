@@ -1,0 +1,192 @@
+"""Single-file checkpoints (A1111's ldm/sgm layout) in the CLI: SD1, SD2-v and SDXL load offline,
+match the diffusers folder with the same weights, train through `python -m lib_ti train`, and
+unsafe or unknown inputs are refused. The checkpoints come from tests/single_file_fixture.py."""
+
+from __future__ import annotations
+
+import pickle
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from single_file_fixture import images, write_checkpoint
+
+from lib_ti import cli, formats
+from lib_ti.family.load import ModelFolderError, load_diffusers_model
+
+TOKEN = "mytok123"
+FAMILIES = ["sd1", "sd2", "sdxl"]
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory, tokenizer_dir):
+    """family -> (checkpoint file with .yaml beside it, diffusers folder with the same weights)."""
+    root = tmp_path_factory.mktemp("single_file")
+    return {fam: write_checkpoint(fam, root / fam, tokenizer_dir) for fam in FAMILIES}
+
+
+def train(argv: list[str], capsys) -> tuple[int, str, str]:
+    code = cli.main(["train", *argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_checkpoint_matches_the_diffusers_folder(family, checkpoints):
+    ckpt, folder = checkpoints[family]
+    single, ref = load_diffusers_model(ckpt), load_diffusers_model(folder)
+    assert (single.family, single.prediction_type, single.slots()) == (ref.family, ref.prediction_type, ref.slots())
+    assert single.prediction_type == ("v_prediction" if family == "sd2" else "epsilon")
+    assert single.vae.decoder is None  # only the encoder is loaded for training
+    vec = {k: torch.randn(3, w, generator=torch.Generator().manual_seed(1)) for k, w in single.slots().items()}
+    texts = [f"a photo of {TOKEN}", " ".join(["cat"] * 80) + f" {TOKEN}"]
+    with torch.no_grad():
+        a, b = single.encode_prompts(texts, TOKEN, vec), ref.encode_prompts(texts, TOKEN, vec)
+        if family == "sdxl":
+            torch.testing.assert_close(a.pooled, b.pooled, rtol=0, atol=0)
+            a, b = a.crossattn, b.crossattn
+        torch.testing.assert_close(a, b, rtol=0, atol=0)  # the same text encoders, weight for weight
+        x, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2)), torch.tensor([10, 900])
+        cond = single.encode_prompts(texts, TOKEN, vec)
+        torch.testing.assert_close(single.predict(x, t, cond), ref.predict(x, t, cond), rtol=1e-4, atol=1e-4)
+        px = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(3)) * 2 - 1
+        torch.manual_seed(0)
+        la = single.encode_images(px)
+        torch.manual_seed(0)
+        torch.testing.assert_close(la, ref.encode_images(px), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(single.alphas_cumprod(), ref.alphas_cumprod())
+    # the decoder follows when a preview needs it
+    single.ensure_vae_decoder()
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(single.vae.decode(z).sample, ref.vae.decode(z).sample, rtol=1e-5, atol=1e-5)
+
+
+def test_dtype_and_options(checkpoints):
+    ckpt, _ = checkpoints["sd2"]
+    half = load_diffusers_model(ckpt, dtype=torch.bfloat16, v_parameterization=False)
+    assert half.dtype == torch.bfloat16 and half.text_encoder.dtype == torch.bfloat16
+    assert half.vae.dtype == torch.float32 and half.prediction_type == "epsilon"
+    params = [p for m in (half.unet, half.vae, half.text_encoder) for p in m.parameters()]
+    assert not any(p.is_meta for p in params)
+    # SD2's penultimate layer: the checkpoint holds one more OpenCLIP block than the encoder runs
+    assert half.text_encoder.config.num_hidden_layers == 2
+
+
+def test_ckpt_is_read_without_running_code(checkpoints, tmp_path, tokenizer_dir):
+    ckpt, _ = write_checkpoint("sd1", tmp_path / "pickled", tokenizer_dir, ckpt=True)
+    assert ckpt.suffix == ".ckpt"
+    a = load_diffusers_model(ckpt)
+    b = load_diffusers_model(checkpoints["sd1"][0])
+    vec = {"emb": torch.randn(1, 32)}
+    with torch.no_grad():
+        assert torch.equal(a.encode_prompts([TOKEN], TOKEN, vec), b.encode_prompts([TOKEN], TOKEN, vec))
+
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (Path.write_text, (marker, "ran"))
+
+    bad = tmp_path / "evil.ckpt"
+    with open(bad, "wb") as f:
+        pickle.dump({"state_dict": {}, "x": Evil()}, f)
+    with pytest.raises(ModelFolderError, match="refused"):
+        load_diffusers_model(bad)
+    assert not marker.exists()
+
+
+def test_refusals_exit_2_and_download_nothing(tmp_path, capsys, checkpoints):
+    data = images(tmp_path / "data", f"a photo of {TOKEN}")
+    common = ["--set", f"train_data_dir={data}", "--set", f"output_dir={tmp_path / 'out'}",
+              "--set", f"token_string={TOKEN}", "--set", "resolution=64", "--set", "max_train_steps=1"]
+    code, _, err = train(["--set", "pretrained_model_name_or_path=runwayml/stable-diffusion-v1-5", *common], capsys)
+    assert code == 2 and "nothing is downloaded" in err and "runwayml/stable-diffusion-v1-5" in err
+    assert ".safetensors" in err  # says what to pass instead
+    bad = tmp_path / "evil.ckpt"
+    with open(bad, "wb") as f:
+        pickle.dump({"state_dict": {}, "x": type("E", (), {"__reduce__": lambda s: (print, ("ran",))})()}, f)
+    code, out, err = train(["--set", f"pretrained_model_name_or_path={bad}", *common], capsys)
+    assert code == 2 and "refused" in err and "ran" not in out
+    other = tmp_path / "model.bin"
+    other.write_bytes(b"x")
+    code, _, err = train(["--set", f"pretrained_model_name_or_path={other}", *common], capsys)
+    assert code == 2 and "pretrained_model_name_or_path" in err
+    # a yaml beside the file that does not describe it: a clear message, not a traceback
+    ckpt, _ = checkpoints["sd1"]
+    wrong = tmp_path / "wrong" / ckpt.name
+    wrong.parent.mkdir()
+    wrong.write_bytes(ckpt.read_bytes())
+    wrong.with_suffix(".yaml").write_text(checkpoints["sdxl"][0].with_suffix(".yaml").read_text())
+    code, _, err = train(["--set", f"pretrained_model_name_or_path={wrong}", *common], capsys)
+    assert code == 2 and "wrong" in err
+
+
+def readme_examples() -> list[str]:
+    """The kohya guide's two commands as TOML, from the README section that shows them."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = text.split("<!-- single-file examples -->", 2)[1]
+    return re.findall(r"```toml\n(.*?)```", section, flags=re.S)
+
+
+def test_readme_kohya_examples_run_on_tiny_checkpoints(checkpoints, tmp_path, capsys):
+    """The seed's two commands, verbatim apart from paths; a short run (the guide's 1600 steps
+    would take minutes on CPU), on 64 px images."""
+    sd, xl = readme_examples()
+    assert 'pretrained_model_name_or_path = "path/to/model.safetensors"' in sd
+    assert 'pretrained_model_name_or_path = "path/to/sdxl_model.safetensors"' in xl
+    images(tmp_path / "images", "mychar, 1girl, red disc")
+    dataset = tmp_path / "dataset_config.toml"
+    dataset.write_text(f"""
+[general]
+shuffle_caption = false
+caption_extension = ".txt"
+keep_tokens = 1
+
+[[datasets]]
+resolution = 64
+batch_size = 2
+enable_bucket = true
+min_bucket_reso = 64
+
+  [[datasets.subsets]]
+  image_dir = "{tmp_path / 'images'}"
+  caption_extension = ".txt"
+  num_repeats = 10
+""")
+    for example, family, name in ((sd, "sd1", "my_textual_inversion"), (xl, "sdxl", "my_sdxl_textual_inversion")):
+        out = tmp_path / f"output-{family}"
+        toml = tmp_path / f"{family}.toml"
+        toml.write_text(example.replace(f"path/to/{'sdxl_' if family == 'sdxl' else ''}model.safetensors",
+                                        str(checkpoints[family][0]))
+                        .replace('"dataset_config.toml"', f'"{dataset}"').replace('"output"', f'"{out}"'))
+        code, stdout, err = train(["--config_file", str(toml), "--set", "max_train_steps=2"], capsys)
+        assert code == 0, err + stdout
+        emb = formats.read_embedding(str(out / f"{name}.safetensors"))
+        slots = {"clip_l", "clip_g"} if family == "sdxl" else {"emb"}  # tiny widths: no family name
+        assert set(emb.vectors) == slots and emb.num_vectors == 4 and emb.step == 2
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cli_trains_a_single_file_like_the_folder(family, checkpoints, tmp_path, capsys):
+    """The same run on the checkpoint and on the folder with its weights learns the same vectors
+    (plain SGD: Adam would turn float noise in near-zero gradients into whole steps)."""
+    data = images(tmp_path / "data", f"a photo of {TOKEN}, red disc")
+    got = {}
+    for kind, model in zip(("file", "folder"), checkpoints[family]):
+        out = tmp_path / kind
+        code, stdout, err = train(["--set", f"pretrained_model_name_or_path={model}", "--set", f"train_data_dir={data}",
+                                   "--set", f"output_dir={out}", "--set", f"token_string={TOKEN}",
+                                   "--set", "init_word=ball", "--set", "resolution=64", "--set", "max_train_steps=4",
+                                   "--set", "learning_rate=2", "--set", "optimizer_type=SGD",
+                                   "--set", "seed=3"], capsys)
+        assert code == 0, err + stdout
+        got[kind] = formats.read_embedding(str(out / f"{TOKEN}.safetensors"))
+    start = load_diffusers_model(checkpoints[family][0]).token_embeddings("ball")
+    assert set(got["file"].vectors) == ({"clip_l", "clip_g"} if family == "sdxl" else {"emb"})
+    for slot, v in got["file"].vectors.items():
+        torch.testing.assert_close(v, got["folder"].vectors[slot], rtol=1e-3, atol=1e-4)
+        assert (v - start[slot]).abs().max() > 1e-2  # and it did learn
+
