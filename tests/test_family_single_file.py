@@ -190,3 +190,49 @@ def test_cli_trains_a_single_file_like_the_folder(family, checkpoints, tmp_path,
         torch.testing.assert_close(v, got["folder"].vectors[slot], rtol=1e-3, atol=1e-4)
         assert (v - start[slot]).abs().max() > 1e-2  # and it did learn
 
+
+
+@pytest.mark.parametrize(("name", "family", "unet_params", "prediction"), [
+    ("v1-inference", "sd1", 859_520_964, "epsilon"),
+    ("v2-inference-v", "sd2", 865_910_724, "v_prediction"),
+    ("sd_xl_base", "sdxl", 2_567_463_684, "epsilon"),
+    ("sd_xl_v", "sdxl", 2_567_463_684, "v_prediction"),
+])
+def test_built_in_configs_are_the_real_architectures(name, family, unet_params, prediction):
+    """The offline constants give diffusers the real SD1.5 / SD2 / SDXL UNets (built on meta: no memory)."""
+    import copy
+
+    from diffusers import UNet2DConditionModel
+
+    from lib_ti.family.single_file import _unet_config
+    from lib_ti.family.single_file_configs import STANDARD, Spec
+
+    spec = Spec(family, copy.deepcopy(STANDARD[name]), name)
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**_unet_config(spec))
+    assert sum(p.numel() for p in unet.parameters()) == unet_params and spec.prediction() == prediction
+
+
+def test_the_family_is_guessed_as_a1111_does(tmp_path):
+    from lib_ti.family.single_file_configs import describe
+
+    unet, vae = {"model.diffusion_model.input_blocks.0.0.weight": (320, 4, 3, 3)}, {"first_stage_model.encoder.x": (1,)}
+    sd1 = {**unet, **vae, "cond_stage_model.transformer.text_model.x": (1,)}
+    sd2 = {**unet, **vae, "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight": (3072, 1024)}
+    xl = {**unet, **vae, "conditioner.embedders.0.transformer.x": (1,), "conditioner.embedders.1.model.ln_final.weight": (1280,)}
+    path = tmp_path / "m.safetensors"
+    assert describe(path, sd1).family == "sd1" and describe(path, sd1).prediction() == "epsilon"
+    spec = describe(path, sd2)
+    assert spec.family == "sd2" and spec.detect_v  # eps or v: A1111's UNet test decides at load
+    assert describe(path, xl).prediction() == "epsilon" and describe(path, {**xl, "v_pred": ()}).prediction() == "v_prediction"
+    refusals = {"refiner": {**unet, **vae, "conditioner.embedders.0.model.ln_final.weight": (1280,)},
+                "inpainting": {**sd1, "model.diffusion_model.input_blocks.0.0.weight": (320, 9, 3, 3)},
+                "no UNet": {k: v for k, v in sd1.items() if "diffusion_model" not in k}}
+    for what, shapes in refusals.items():
+        with pytest.raises(ModelFolderError, match=what.split()[-1]):
+            describe(path, shapes)
+    # a yaml beside the file wins over the guess
+    path.with_suffix(".yaml").write_text("model:\n  params:\n    cond_stage_config:\n"
+                                         "      target: ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder\n")
+    with pytest.raises(ModelFolderError, match="m.yaml"):
+        describe(path, sd1)  # it says SD2, the weights have no OpenCLIP

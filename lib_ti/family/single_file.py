@@ -76,12 +76,12 @@ class Weights:
         else:
             raise CheckpointError(f"'{self.path}': a checkpoint file must end in {' or '.join(CHECKPOINT_SUFFIXES)}")
 
-    def take(self, prefix: str, keep: bool = False) -> dict[str, torch.Tensor]:
-        """Every tensor whose key starts with `prefix` (keys unchanged)."""
+    def take(self, prefix: str | tuple[str, ...]) -> dict[str, torch.Tensor]:
+        """Every tensor whose key starts with `prefix` (keys unchanged); a .ckpt lets go of them."""
         keys = [k for k in self.shapes if k.startswith(prefix)]
         if self._file is not None:
             return {k: self._file.get_tensor(k) for k in keys}
-        return {k: (self._dict[k] if keep else self._dict.pop(k)) for k in keys}
+        return {k: self._dict.pop(k) for k in keys if k in self._dict}
 
 
 def load_single_file(path: str | os.PathLike, device: str | torch.device = "cpu",
@@ -155,7 +155,7 @@ def _vae(w: Weights, spec: Spec, device: torch.device, keep: Iterable[str]) -> A
     with torch.device("meta"):
         vae = AutoencoderKL(**cfg)
     keep = tuple(keep)
-    sd = {k: v for k, v in sfu.convert_ldm_vae_checkpoint(w.take(VAE), cfg).items() if k.startswith(keep)}
+    sd = sfu.convert_ldm_vae_checkpoint(w.take(tuple(VAE + k for k in keep)), cfg)  # only those parts are read
     for name in ("encoder", "quant_conv", "decoder", "post_quant_conv"):
         if name + "." not in keep:
             setattr(vae, name, None)  # not loaded: no meta tensors left behind

@@ -189,7 +189,7 @@ def _guess(shapes: dict[str, tuple[int, ...]]) -> Spec:
         return Spec("sd2", copy.deepcopy(STANDARD["v2-inference"]), "standard v2-inference (guessed as A1111 does)",
                     detect_v=True)
     if unet_in is None:
-        raise CheckpointError("not a Stable Diffusion checkpoint: no model.diffusion_model weights")
+        raise CheckpointError("not a Stable Diffusion checkpoint: no UNet weights (model.diffusion_model.*)")
     return Spec("sd1", copy.deepcopy(STANDARD["v1-inference"]), "standard v1-inference (guessed as A1111 does)")
 
 
