@@ -236,3 +236,19 @@ def test_the_family_is_guessed_as_a1111_does(tmp_path):
                                          "      target: ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder\n")
     with pytest.raises(ModelFolderError, match="m.yaml"):
         describe(path, sd1)  # it says SD2, the weights have no OpenCLIP
+
+
+def test_old_clip_key_layout_loads(checkpoints, tmp_path):
+    """SD1 files saved with old transformers have no `text_model.` level; A1111 renames it, so do we."""
+    from safetensors.torch import load_file, save_file
+
+    ckpt, _ = checkpoints["sd1"]
+    sd = {k.replace("cond_stage_model.transformer.text_model.", "cond_stage_model.transformer."): v
+          for k, v in load_file(str(ckpt)).items()}
+    old = tmp_path / ckpt.name
+    save_file(sd, str(old))
+    old.with_suffix(".yaml").write_text(ckpt.with_suffix(".yaml").read_text())
+    vec = {"emb": torch.randn(1, 32)}
+    with torch.no_grad():
+        a = load_diffusers_model(old).encode_prompts([TOKEN], TOKEN, vec)
+        assert torch.equal(a, load_diffusers_model(ckpt).encode_prompts([TOKEN], TOKEN, vec))

@@ -43,6 +43,7 @@ from lib_ti.family.single_file_configs import (
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 VOCAB_SIZE = 49408  # the CLIP BPE vocabulary every SD text encoder uses (vocab.py)
+_OLD_CLIP = ("embeddings.", "encoder.", "final_layer_norm.")
 
 
 class Weights:
@@ -210,6 +211,9 @@ def _count(keys: Iterable[str], pattern: str) -> int:
 def _clip_l(w: Weights, prefix: str, heads: int | None, device, dtype) -> CLIPTextModel:
     assert prefix in sfu.LDM_CLIP_PREFIX_TO_REMOVE  # diffusers' own prefixes: the rest is the HF layout
     sd = {k[len(prefix):]: v for k, v in w.take(prefix).items()}
+    # checkpoints saved with transformers < 4.x lack the "text_model." level (A1111 renames them too)
+    sd = {k if k.startswith("text_model.") or not k.startswith(_OLD_CLIP) else "text_model." + k: v
+          for k, v in sd.items()}
     tok = sd.get("text_model.embeddings.token_embedding.weight")
     if tok is None:
         raise CheckpointError(f"no {prefix}text_model.embeddings.token_embedding.weight: not a CLIP-L text encoder")
