@@ -252,3 +252,50 @@ def test_old_clip_key_layout_loads(checkpoints, tmp_path):
     with torch.no_grad():
         a = load_diffusers_model(old).encode_prompts([TOKEN], TOKEN, vec)
         assert torch.equal(a, load_diffusers_model(ckpt).encode_prompts([TOKEN], TOKEN, vec))
+
+
+def test_training_ckpt_with_lightning_objects_loads_without_them(checkpoints, tmp_path, monkeypatch):
+    """sd-v1-4.ckpt-style files pickle lightning's ModelCheckpoint and numpy scalars beside the
+    weights (A1111's unpickler lets them through); they load as inert stand-ins, never run."""
+    import sys
+    import types
+
+    import numpy as np
+    from safetensors.torch import load_file
+
+    ran = []
+    fake = types.ModuleType("pytorch_lightning.callbacks.model_checkpoint")
+
+    class ModelCheckpoint:
+        def __setstate__(self, state):
+            ran.append(state)
+
+    ModelCheckpoint.__module__, ModelCheckpoint.__qualname__ = fake.__name__, "ModelCheckpoint"
+    fake.ModelCheckpoint = ModelCheckpoint
+    for name in ("pytorch_lightning", "pytorch_lightning.callbacks", fake.__name__):
+        monkeypatch.setitem(sys.modules, name, fake if name == fake.__name__ else types.ModuleType(name))
+    ckpt, _ = checkpoints["sd1"]
+    path = tmp_path / ckpt.with_suffix(".ckpt").name
+    cb = ModelCheckpoint()
+    cb.__dict__["monitor"] = "val/loss"
+    torch.save({"state_dict": load_file(str(ckpt)), "global_step": np.int64(470000),
+                "callbacks": {ModelCheckpoint: {"best": cb}}}, path)
+    monkeypatch.delitem(sys.modules, fake.__name__)  # as on a machine without lightning
+    path.with_suffix(".yaml").write_text(ckpt.with_suffix(".yaml").read_text())
+    vec = {"emb": torch.randn(1, 32)}
+    with torch.no_grad():
+        a = load_diffusers_model(path).encode_prompts([TOKEN], TOKEN, vec)
+        assert torch.equal(a, load_diffusers_model(ckpt).encode_prompts([TOKEN], TOKEN, vec))
+    assert not ran
+    # the stand-ins open no door: anything else in such a file is still refused, unrun
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            return (Path.write_text, (marker, "x"))
+
+    monkeypatch.setitem(sys.modules, fake.__name__, fake)
+    torch.save({"state_dict": {}, "callbacks": {ModelCheckpoint: {}}, "x": Evil()}, path)
+    with pytest.raises(ModelFolderError, match="refused"):
+        load_diffusers_model(path)
+    assert not marker.exists()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import re
+import types
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -65,10 +66,7 @@ class Weights:
             except Exception as e:  # safetensors raises its own error types for a bad header
                 raise CheckpointError(f"cannot read '{self.path}' as safetensors: {_line(e)}") from None
         elif suffix == ".ckpt":
-            try:
-                obj = safe_pickle.load(str(self.path))
-            except safe_pickle.UnsafeFileError as e:
-                raise CheckpointError(f"refused '{self.path}': {_line(e)}") from None
+            obj = _load_ckpt(self.path)
             sd = obj.get("state_dict", obj) if isinstance(obj, dict) else None
             if not isinstance(sd, dict):
                 raise CheckpointError(f"'{self.path}' holds no state dict")
@@ -83,6 +81,50 @@ class Weights:
         if self._file is not None:
             return {k: self._file.get_tensor(k) for k in keys}
         return {k: self._dict.pop(k) for k in keys if k in self._dict}
+
+
+class _Inert:
+    """Stands in for what a training framework pickled beside the weights (lightning's
+    ModelCheckpoint as a dict key, numpy's global_step): built from nothing, never run."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        pass
+
+    def __setstate__(self, state) -> None:
+        pass
+
+
+# The globals A1111's own restricted unpickler (modules/safe.py) lets through for training
+# checkpoints such as sd-v1-4.ckpt, answered with inert stand-ins instead of the real thing.
+# (_codecs.encode only ever feeds numpy's scalar bytes here, so it is a stand-in too.)
+_TRAINING_GLOBALS = {("pytorch_lightning.callbacks.model_checkpoint", "ModelCheckpoint"), ("numpy", "dtype"),
+                     ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"), ("_codecs", "encode")}
+
+
+class _CkptUnpickler(safe_pickle._RestrictedUnpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) in _TRAINING_GLOBALS:
+            return _Inert
+        return super().find_class(module, name)
+
+
+_ckpt_pickle = types.ModuleType("lib_ti_ckpt_pickle")
+_ckpt_pickle.Unpickler = _CkptUnpickler  # type: ignore[attr-defined]
+_ckpt_pickle.load = lambda f, **kw: _CkptUnpickler(f, **kw).load()  # type: ignore[attr-defined]
+
+
+def _load_ckpt(path: Path):
+    """The project's code-free loader; a training checkpoint's framework objects become _Inert."""
+    try:
+        return safe_pickle.load(str(path))
+    except safe_pickle.UnsafeFileError as first:
+        if not any(f"{m}.{n}" in str(first) for m, n in _TRAINING_GLOBALS):
+            raise CheckpointError(f"refused '{path}': {_line(first)}") from None
+    try:
+        with open(path, "rb") as f:
+            return torch.load(f, map_location="cpu", weights_only=False, pickle_module=_ckpt_pickle)
+    except Exception as e:  # the allow-list refused something else too
+        raise CheckpointError(f"refused '{path}': {_line(e)}; the file was not loaded") from None
 
 
 def load_single_file(path: str | os.PathLike, device: str | torch.device = "cpu",
