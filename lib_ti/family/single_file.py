@@ -6,7 +6,8 @@ The UNet and VAE keys are converted by diffusers' own single-file functions
 create_unet_diffusers_config / create_vae_diffusers_config). The text encoders use diffusers'
 key tables (LDM_CLIP_PREFIX_TO_REMOVE, DIFFUSERS_TO_LDM_MAPPING["openclip"]) but not its
 text-encoder functions: without accelerate those drop the position_ids buffer that transformers
-4.30 (A1111's pin) keeps in the state dict and then fail to load, and they fetch configs from the hub.
+4.30 (A1111's pin) keeps in the state dict and then fail to load; they also read the text config
+by hub id. Here the config comes from the weights' shapes (single_file_configs.py).
 
 Memory: a .safetensors file is read one component at a time; each model is built on the meta
 device and takes the converted tensors themselves (load_state_dict(assign=True)), cast one by
@@ -164,14 +165,18 @@ def load_single_file(path: str | os.PathLike, device: str | torch.device = "cpu"
 
 
 # -- UNet and VAE: diffusers' converters -------------------------------------------------------------
+def _image_size(spec: Spec) -> int:
+    """The model's native size in pixels (diffusers' sample_size; only a default for previews)."""
+    scale = 2 ** (len(spec.params["first_stage_config"]["params"]["ddconfig"]["ch_mult"]) - 1)
+    return int(spec.unet_params.get("image_size") or (128 if spec.family == "sdxl" else 64)) * scale
+
+
 def _unet_config(spec: Spec) -> dict:
     params = spec.unet_params
     params.setdefault("transformer_depth", 1)  # ldm's default, which diffusers reads unconditionally
     params.setdefault("context_dim", None)
-    scale = 2 ** (len(spec.params["first_stage_config"]["params"]["ddconfig"]["ch_mult"]) - 1)
-    image = int(params.get("image_size") or (128 if spec.family == "sdxl" else 64)) * scale
     try:
-        cfg = sfu.create_unet_diffusers_config(spec.config, image_size=image)
+        cfg = sfu.create_unet_diffusers_config(spec.config, image_size=_image_size(spec))
     except (KeyError, TypeError, AssertionError) as e:
         raise CheckpointError(f"{spec.source}: UNet config incomplete ({type(e).__name__}: {_line(e)})") from None
     if cfg["attention_head_dim"] is None and params.get("num_head_channels", -1) > 0:
@@ -194,7 +199,7 @@ def _unet(w: Weights, spec: Spec, device: torch.device, dtype: torch.dtype) -> U
 
 
 def _vae(w: Weights, spec: Spec, device: torch.device, keep: Iterable[str]) -> AutoencoderKL:
-    cfg = sfu.create_vae_diffusers_config(spec.config, image_size=512)
+    cfg = sfu.create_vae_diffusers_config(spec.config, image_size=_image_size(spec))
     with torch.device("meta"):
         vae = AutoencoderKL(**cfg)
     keep = tuple(keep)
@@ -314,6 +319,7 @@ def _text_model(cls, cfg: CLIPTextConfig, sd: dict, device, dtype):
     _assign(model, sd, device, dtype, "text encoder", None)
     if model.text_model.embeddings.position_ids.is_meta:  # a non-persistent buffer (newer transformers)
         model.text_model.embeddings.position_ids = positions
+    _no_meta(model, "text encoder")
     return model.eval()
 
 
@@ -334,9 +340,14 @@ def _assign(module: torch.nn.Module, sd: dict, device, dtype: torch.dtype, what:
         v = sd.pop(k)
         taken[k] = v.to(device, dtype if v.is_floating_point() else v.dtype).contiguous()
     module.load_state_dict(taken, strict=True, assign=True)
+    if what != "text encoder":  # its position ids may be a buffer outside the state dict: checked after
+        _no_meta(module, what)
+
+
+def _no_meta(module: torch.nn.Module, what: str) -> None:
     left = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
-    if left and what != "text encoder":
-        raise CheckpointError(f"the {what} has unloaded tensors: {left[:3]}")
+    if left:
+        raise CheckpointError(f"the {what} has tensors the checkpoint did not fill: {left[:3]}")
 
 
 def _line(e: BaseException) -> str:
