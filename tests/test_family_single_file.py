@@ -131,6 +131,7 @@ def readme_examples() -> list[str]:
     return re.findall(r"```toml\n(.*?)```", section, flags=re.S)
 
 
+@pytest.mark.slow
 def test_readme_kohya_examples_run_on_tiny_checkpoints(checkpoints, tmp_path, capsys):
     """The seed's two commands, verbatim apart from paths; a short run (the guide's 1600 steps
     would take minutes on CPU), on 64 px images."""
@@ -169,6 +170,7 @@ min_bucket_reso = 64
         assert set(emb.vectors) == slots and emb.num_vectors == 4 and emb.step == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_cli_trains_a_single_file_like_the_folder(family, checkpoints, tmp_path, capsys):
     """The same run on the checkpoint and on the folder with its weights learns the same vectors
@@ -299,3 +301,17 @@ def test_training_ckpt_with_lightning_objects_loads_without_them(checkpoints, tm
     with pytest.raises(ModelFolderError, match="refused"):
         load_diffusers_model(path)
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_preview_loads_the_decoder_and_takes_long_prompts(family, checkpoints):
+    """CLI previews from a checkpoint: the VAE decoder comes on first use; a prompt of two chunks
+    beside a one-chunk negative prompt renders (both are encoded to the same length)."""
+    from lib_ti.family.preview import render
+
+    model = load_diffusers_model(checkpoints[family][0])
+    assert model.vae.decoder is None
+    vec = {k: torch.randn(1, w) for k, w in model.slots().items()}
+    image = render(model, TOKEN, vec, " ".join(["cat"] * 80) + f" {TOKEN}", negative_prompt="blurry",
+                   width=64, height=64, steps=2)
+    assert image.size == (64, 64) and model.vae.decoder is not None

@@ -3,12 +3,14 @@ do all 75 vectors of num_vectors_per_token = 75 next to other words (75-token ch
 
 from __future__ import annotations
 
+import pytest
 import torch
 from single_file_fixture import images
 
 from lib_ti import cli, formats
 from lib_ti.family.load import load_diffusers_model
 
+pytestmark = pytest.mark.slow
 TOKEN = "mytok123"
 
 
