@@ -135,3 +135,6 @@ def load_diffusers_model(folder: str | os.PathLike, device: str | torch.device =
     model = wrap(family, parts, clip_skip, prediction)
     model.source = str(folder.resolve())
     return model
+
+
+load_model = load_diffusers_model  # the same dispatch (folder or checkpoint file), by its plainer name
