@@ -315,3 +315,16 @@ def test_preview_loads_the_decoder_and_takes_long_prompts(family, checkpoints):
     image = render(model, TOKEN, vec, " ".join(["cat"] * 80) + f" {TOKEN}", negative_prompt="blurry",
                    width=64, height=64, steps=2)
     assert image.size == (64, 64) and model.vae.decoder is not None
+
+
+def test_cheap_check_before_loading(checkpoints, tmp_path):
+    """check_model_path: what loading would refuse, from headers and json only."""
+    from lib_ti.family.load import check_model_path
+
+    assert [check_model_path(checkpoints[f][0]) for f in FAMILIES] == FAMILIES
+    assert check_model_path(checkpoints["sdxl"][1]) == "sdxl"
+    with pytest.raises(ModelFolderError, match="nothing is downloaded"):
+        check_model_path("stabilityai/stable-diffusion-xl-base-1.0")
+    (tmp_path / "x.safetensors").write_bytes(b"not a header")
+    with pytest.raises(ModelFolderError, match="safetensors"):
+        check_model_path(tmp_path / "x.safetensors")

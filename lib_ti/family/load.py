@@ -93,6 +93,20 @@ def wrap(family: str, parts: dict, clip_skip: int = 1, prediction_type: str | No
                        parts["scheduler"], prediction_type, clip_skip)
 
 
+def check_model_path(path: str | os.PathLike) -> str:
+    """The family of the model at `path`, found cheaply (folder: its json files; .safetensors: its
+    header and .yaml), before anything is loaded; raises ModelFolderError as loading would. A .ckpt
+    is only checked for existence here: reading its keys means unpickling all of it."""
+    p = Path(path)
+    if p.is_file():
+        if p.suffix.lower() not in single_file.CHECKPOINT_SUFFIXES:
+            raise ModelFolderError(f"'{p}' is not a model: pass {WHAT_TO_PASS}")
+        return single_file.describe_file(p)
+    if not p.exists():
+        raise ModelFolderError(_not_found(str(p)))
+    return detect_family(p)
+
+
 def load_diffusers_model(folder: str | os.PathLike, device: str | torch.device = "cpu",
                          dtype: torch.dtype = torch.float32, clip_skip: int = 1,
                          v_parameterization: bool | None = None) -> DiffusersModel:

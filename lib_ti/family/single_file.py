@@ -128,6 +128,13 @@ def _load_ckpt(path: Path):
         raise CheckpointError(f"refused '{path}': {_line(e)}; the file was not loaded") from None
 
 
+def describe_file(path: Path) -> str:
+    """'sd1' | 'sd2' | 'sdxl' ('' for a .ckpt, whose keys are only known once unpickled)."""
+    if path.suffix.lower() == ".ckpt":
+        return ""
+    return describe(path, Weights(path).shapes).family
+
+
 def load_single_file(path: str | os.PathLike, device: str | torch.device = "cpu",
                      dtype: torch.dtype = torch.float32, clip_skip: int = 1,
                      v_parameterization: bool | None = None) -> DiffusersModel:
