@@ -9,9 +9,9 @@ text-encoder functions: without accelerate those drop the position_ids buffer th
 4.30 (A1111's pin) keeps in the state dict and then fail to load; they also read the text config
 by hub id. Here the config comes from the weights' shapes (single_file_configs.py).
 
-Memory: a .safetensors file is read one component at a time; each model is built on the meta
-device and takes the converted tensors themselves (load_state_dict(assign=True)), cast one by
-one, so no component exists twice. Only the VAE encoder is loaded; the decoder follows when a
+Memory: a .safetensors file is read one component at a time, onto the training device; each
+model is built on the meta device and takes the converted tensors themselves
+(load_state_dict(assign=True)), cast one by one, so no component exists twice. Only the VAE encoder is loaded; the decoder follows when a
 preview needs it (ensure_vae_decoder).
 """
 
@@ -52,7 +52,7 @@ class Weights:
     """The tensors of a checkpoint, taken out by key prefix. A .safetensors file is only read for
     the keys taken; a .ckpt is unpickled whole (code-free) and each part released once taken."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, device: torch.device | str = "cpu"):
         self.path = Path(path)
         suffix = self.path.suffix.lower()
         self._file = None
@@ -61,7 +61,8 @@ class Weights:
             from safetensors import safe_open
 
             try:
-                self._file = safe_open(str(self.path), framework="pt", device="cpu")
+                # straight to the training device: a GPU run never holds the weights in CPU RAM
+                self._file = safe_open(str(self.path), framework="pt", device=str(torch.device(device)))
                 names = list(self._file.keys())  # a safe_open handle is not iterable
                 self.shapes = {k: tuple(self._file.get_slice(k).get_shape()) for k in names}
             except Exception as e:  # safetensors raises its own error types for a bad header
@@ -142,7 +143,7 @@ def load_single_file(path: str | os.PathLike, device: str | torch.device = "cpu"
     from lib_ti.family.load import wrap  # load dispatches here; imported late to avoid a cycle
 
     device = torch.device(device)
-    w = Weights(path)
+    w = Weights(path, device)
     spec = describe(path, w.shapes)
     unet = _unet(w, spec, device, dtype)
     if v_parameterization is not None:
@@ -220,7 +221,7 @@ def _vae(w: Weights, spec: Spec, device: torch.device, keep: Iterable[str]) -> A
 
 def _add_vae_decoder(vae: AutoencoderKL, path: str | os.PathLike, spec: Spec) -> None:
     dev = next(vae.parameters()).device
-    full = _vae(Weights(path), spec, dev, ("decoder.", "post_quant_conv."))
+    full = _vae(Weights(path, dev), spec, dev, ("decoder.", "post_quant_conv."))
     vae.decoder, vae.post_quant_conv = full.decoder, full.post_quant_conv
 
 
