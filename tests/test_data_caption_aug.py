@@ -10,7 +10,15 @@ import pytest
 from PIL import Image
 
 from lib_ti.config_compat import REFUSED_WHEN_ON
-from lib_ti.data import DataError, DatasetSpec, PromptBuilder, SubsetSpec, load_dataset_toml, load_pixels, scan
+from lib_ti.data import (
+    DataError,
+    DatasetSpec,
+    PromptBuilder,
+    SubsetSpec,
+    load_dataset_toml,
+    load_pixels,
+    scan,
+)
 from lib_ti.data.captions import caption_text, captions_missing_token, dropped
 
 CAP = "mytok, red, green, blue, yellow, black"
