@@ -215,6 +215,8 @@ def _adam(values: dict[str, Any], out: dict[str, Any], notes: dict[str, str], er
 def _invokeai_defaults(values: dict[str, Any], out: dict[str, Any], notes: dict[str, str]) -> None:
     applied = []
     for field, default in INVOKEAI_DEFAULTS.items():
+        if field == "center_crop" and out.get("random_crop"):
+            continue  # kohya's random_crop asked for: crop, do not squash
         if field not in out:
             out[field] = default
             applied.append(f"{field}={default}")
