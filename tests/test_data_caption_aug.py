@@ -7,8 +7,10 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 from PIL import Image
 
+from lib_ti.config import TrainConfig
 from lib_ti.config_compat import REFUSED_WHEN_ON
 from lib_ti.data import (
     DataError,
@@ -20,6 +22,9 @@ from lib_ti.data import (
     scan,
 )
 from lib_ti.data.captions import caption_text, captions_missing_token, dropped
+from lib_ti.family.base import SINGLE_SLOT
+from lib_ti.tokens import init_vectors
+from lib_ti.train import run_training
 
 CAP = "mytok, red, green, blue, yellow, black"
 
@@ -146,3 +151,21 @@ def test_center_crop_false_squashes_the_whole_image(tmp_path):
     assert size.crop_top_left == (0, 0) and px_squash.shape == (3, 64, 64)
     # the white quarter survives squashing (16 of 64 columns) but is cut off by the center crop
     assert px_squash[:, :, -8:].mean() > 0.9 and px_crop[:, :, -8:].mean() < -0.9
+
+
+@pytest.mark.slow
+def test_the_training_loop_passes_epochs_to_caption_dropout(tiny_sd1, tmp_path):
+    """Every epoch dropped: no prompt names the token, so the vectors never move; every second epoch
+    dropped: the first epoch trains."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(2):
+        Image.new("RGB", (64, 64), (200, 30 * i, 30)).save(data / f"{i}.png")
+        (data / f"{i}.txt").write_text("a photo of mytok123")
+    base = dict(token_string="mytok123", init_word="ball", train_data_dir=str(data), resolution="64",
+                max_train_steps=2, train_batch_size=2, learning_rate="0.05", validation_every_n_steps=0, seed=1)
+    start = init_vectors(tiny_sd1, "ball", 1)[SINGLE_SLOT]
+    always = run_training(TrainConfig.from_dict({**base, "caption_dropout_every_n_epochs": 1}), tiny_sd1)
+    assert always.step == 2 and torch.equal(always.embedding.vectors[SINGLE_SLOT], start)
+    second = run_training(TrainConfig.from_dict({**base, "caption_dropout_every_n_epochs": 2}), tiny_sd1)
+    assert (second.embedding.vectors[SINGLE_SLOT] - start).abs().max() > 1e-4
