@@ -91,9 +91,9 @@ def txt2img(m, prompt: str, seed: int = 7, cond: list | None = None) -> bytes:
                                                     height=64, do_not_reload_embeddings=True)
     with contextlib.closing(p):
         image = processing.process_images(p).images[0].tobytes()
-    if cond is not None:
-        c = p.c
-        cond.append(torch.cat([c[k].flatten() for k in sorted(c)]) if isinstance(c, dict) else c.flatten())
+        if cond is not None:  # before close(), which drops it
+            c = p.c
+            cond.append(torch.cat([c[k].flatten() for k in sorted(c)]) if isinstance(c, dict) else c.flatten())
     return image
 
 

@@ -117,10 +117,10 @@ def main() -> int:
             width=64, height=64, do_not_save_grid=True, do_not_save_samples=True, do_not_reload_embeddings=True)
         try:
             res = processing.process_images(p)
+            if conds is not None:
+                conds.append(flat(p.c))  # before close(), which drops it
         finally:
             p.close()
-        if conds is not None:
-            conds.append(flat(p.c))
         return hashlib.sha256(np.asarray(res.images[0]).tobytes()).hexdigest()
 
     def snapshot() -> dict:
