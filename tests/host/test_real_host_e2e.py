@@ -32,6 +32,7 @@ import shutil
 import subprocess
 import sys
 import time
+import urllib.parse
 from pathlib import Path
 
 import pytest
@@ -238,6 +239,10 @@ def api_round_trip(hosts: Hosts, family: str, tmp_path: Path) -> dict:
     assert card["ti_trainer"]["step"] == STEPS and card["ti_trainer"]["sd_checkpoint_name"] == f"tiny-{family}", card
     assert f"{STEPS} training steps" in card["description"], card
     assert (host.embeddings_dir / f"{name}.preview.png").is_file()
+    # and the host's own card (what the Extra Networks single-card refresh fetches) shows both
+    query = urllib.parse.urlencode({"page": "textual inversion", "tabname": "txt2img", "name": name})
+    card_html = host.get(f"/sd_extra_networks/get-single-card?{query}")["html"]
+    assert f"{name}.preview.png" in card_html and f"{STEPS} training steps" in card_html, card_html
 
     with_token, infotext, t2i_info = txt2img(host, f"a photo of {name}")
     file_hash = hashlib.sha256(Path(info["output"]).read_bytes()).hexdigest()[:12]
