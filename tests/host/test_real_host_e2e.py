@@ -4,14 +4,15 @@ Skipped unless TI_TRAINER_HOST_DIR names a WebUI root (see tests/host/README.md)
 python comes from TI_TRAINER_HOST_PYTHON or HOST/venv or HOST/../venv; the tiny checkpoints from
 TI_TRAINER_HOST_CKPT_DIR (the --out folder of make_tiny_checkpoint.py) or are written here by it.
 
-This checkout is linked into HOST/extensions/sd-webui-ti-trainer for the module (and the link
-removed afterwards; one that already points here is left as found). Each host runs on a free port
-on 127.0.0.1 with its settings and embeddings folder in a temporary folder (tests/host/host_server.py).
+Each host runs on a free port on 127.0.0.1 with `--data-dir` in a temporary folder and this
+checkout linked into that folder's extensions/ (tests/host/host_server.py): nothing is written into
+the install, which the module checks (`git status --ignored` before and after).
 
   1. the host starts with the extension and its log has no traceback that involves it;
   2. SD1 over HTTP: POST /ti-trainer/v1/train on a generated image folder, poll to done; the host
      lists the embedding (vectors, width); txt2img with the token names it in the infotext, and
-     a prompt without it gives the very same pixels as before training;
+     a prompt without it gives the very same pixels as before training; the card's picture and
+     facts are beside the file and in the host's own card;
   3. SD1 in the browser: Train -> TI Trainer, fill the form, Train, wait for the tab to say done
      and that the host loaded the file; screenshot to artifacts/real-host-tab.png;
   4. SDXL (when its tiny checkpoint exists) over HTTP as in 2.
