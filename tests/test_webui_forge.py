@@ -33,6 +33,9 @@ def forge(tmp_path):
         from fakehost import forge_host
 
         yield lambda family="sd1", **kw: forge_host.install(str(tmp_path / "forge"), family, **kw)
+    from lib_ti.webui import forge_embeddings
+
+    forge_embeddings._app.clear()  # an app remembered by on_app_started belongs to this test only
     for name in set(sys.modules) - before:
         if name.split(".")[0] in ("backend", "modules", "fakehost"):
             del sys.modules[name]
