@@ -201,7 +201,7 @@ def run(cfg: TrainConfig, model: TrainableModel, out: Outputs, hooks: Callbacks 
             error += f" (the vectors of step {live.step} are kept in {recovery})"
         elif live.step > live.start_step:
             error += " (the vectors could not be kept anywhere: see the console)"
-        result = RunResult("failed", live.step, written["final"], error, error, recovery, notes,
+        result = RunResult("failed", live.step, written["final"], error, error, recovery, notes=notes,
                            error_field=getattr(e, "field", None))
     out.finish(result, cfg)
     return result
@@ -217,8 +217,8 @@ def _save_final(out: Outputs, cfg: TrainConfig, emb: Embedding, note: Any) -> st
             return out.write(emb, target, cfg, overwrite=os.path.exists(target))
         except formats.OverwriteError as e:  # appeared between the check and the write
             why = str(e)
-    fallback = os.path.join(out.log_dir, os.path.basename(target))
-    path = out.write(emb, fallback, cfg, overwrite=True)
+    # named like a checkpoint of this step: never the target, even where the log folder is the output folder
+    path = out.write(emb, out.checkpoint_path(cfg, emb.step or 0), cfg, overwrite=True)
     note(f"not published: {why}. Saved to {path} instead; to publish it, copy it into "
          f"{out.final_dir} under a free name, or run again with overwrite")
     return path
