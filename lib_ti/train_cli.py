@@ -200,7 +200,13 @@ def main(args: Any) -> int:
         cfg = build_config(args.config_file, args.dataset_config, getattr(args, "set", None))
         with graceful_signals(stop):
             result = train(cfg, stop)
-    except (ConfigError, PrepareError, formats.FormatError) as e:
+    except ConfigError as e:  # one line, naming every field
+        print("error: " + "; ".join(f"{k}: {v}" for k, v in e.errors.items()), file=sys.stderr)
+        return 2
+    except PrepareError as e:
+        print(f"error: {e.field}: {e}", file=sys.stderr)
+        return 2
+    except formats.FormatError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for_user = result.error or result.message
