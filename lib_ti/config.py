@@ -27,8 +27,9 @@ class ConfigError(ValueError):
 
 
 def _opt(default: Any, help: str, *, lo: float | None = None, hi: float | None = None,
-         choices: tuple[str, ...] | None = None) -> Any:
-    meta = {"help": help, "lo": lo, "hi": hi, "choices": choices}
+         choices: tuple[str, ...] | None = None, host: bool = False) -> Any:
+    # host=True: the WebUI decides it (the loaded model, its folders); only the CLI reads it from the user
+    meta = {"help": help, "lo": lo, "hi": hi, "choices": choices, "host": host}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -67,10 +68,10 @@ NOTED_KEYS = {
 @dataclass(frozen=True)
 class TrainConfig:
     # --- model and output (CLI: model folder; WebUI: the loaded checkpoint) ---
-    pretrained_model_name_or_path: str = _opt("", "local diffusers model folder (CLI only)")
-    v2: bool = _opt(False, "kohya flag; the family is detected from the model")
+    pretrained_model_name_or_path: str = _opt("", "local diffusers model folder (CLI only)", host=True)
+    v2: bool = _opt(False, "kohya flag; the family is detected from the model", host=True)
     v_parameterization: bool = _opt(False, "force v-prediction targets (SD2-768-v style models)")
-    output_dir: str = _opt("", "where the embedding and its checkpoints go")
+    output_dir: str = _opt("", "where the embedding and its checkpoints go", host=True)
     output_name: str = _opt("", "file name of the embedding (default: token_string)")
     save_model_as: str = _opt("safetensors", "file format", choices=("safetensors", "pt"))
     overwrite: bool = _opt(False, "replace an existing embedding of the same name")
@@ -126,7 +127,7 @@ class TrainConfig:
     noise_offset: float = _opt(0.0, "noise offset (0: off; 0.05 is typical)", lo=0.0, hi=1.0)
     clip_skip: int = _opt(1, "text encoder layers skipped from the end (SD1)", lo=1, hi=12)
     seed: int = _opt(-1, "random seed (-1: random)", lo=-1)
-    device: str = _opt("auto", "CLI only: auto, cpu, cuda, cuda:N, mps")
+    device: str = _opt("auto", "CLI only: auto, cpu, cuda, cuda:N, mps", host=True)
     # --- previews ---
     sample_every_n_steps: int = _opt(0, "render previews every N steps (0: off)", lo=0)
     sample_prompts: str = _opt("", "preview prompts: a file, or prompts one per line")
@@ -190,10 +191,17 @@ class TrainConfig:
         flat.update(overrides or {})
         return cls.from_dict(flat)
 
+    @classmethod
+    def host_decided(cls) -> tuple[str, ...]:
+        """Fields the WebUI decides itself (tagged `host` above); the CLI takes them from the user."""
+        return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get("host"))
+
     def replace(self, **changes: Any) -> TrainConfig:
         merged = {k: getattr(self, k) for k in self.field_names()}
         merged.update(changes)
-        return TrainConfig.from_dict(merged)
+        new = TrainConfig.from_dict(merged)
+        # the notes about accepted-but-ignored options stay with the config (never silently dropped)
+        return dataclasses.replace(new, ignored={**self.ignored, **new.ignored})
 
     def to_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.field_names()}

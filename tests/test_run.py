@@ -185,3 +185,23 @@ def test_a_file_that_appears_during_the_run_is_never_replaced(tiny_sd1, tmp_path
     assert target.read_bytes() == b"the user's own file"
     assert res.status == "done" and res.output == str(tmp_path / "out" / f"{TOKEN}-3.safetensors")
     assert any("not published" in n and res.output in n for n in notes)
+
+
+def test_replace_keeps_the_notes_and_host_fields_come_from_the_config():
+    cfg = TrainConfig.from_dict(dict(token_string=TOKEN, train_data_dir=".", xformers=True, save_state=True))
+    moved = cfg.replace(output_dir="/somewhere", mixed_precision="fp16")
+    assert [n.split(":")[0] for n in moved.notes()] == ["xformers", "save_state"]
+    assert set(TrainConfig.host_decided()) == {"pretrained_model_name_or_path", "v2", "output_dir", "device"}
+
+
+def test_sample_prompts_are_parsed_once_for_every_front_end(tmp_path):
+    from lib_ti import sample_prompts
+
+    cfg = TrainConfig.from_dict(dict(token_string=TOKEN, train_data_dir=".",
+                                     sample_prompts=f"{TOKEN} on a table --w 96 --h 64 --s 3 --n blurry, dark --d 9"))
+    assert sample_prompts.parse(cfg) == [{"prompt": f"{TOKEN} on a table", "width": 96, "height": 64, "steps": 3,
+                                          "negative_prompt": "blurry, dark", "seed": 9}]
+    f = tmp_path / "prompts.txt"
+    f.write_text(f"# previews\n{TOKEN} --l 5.5\n\n")
+    assert sample_prompts.parse(cfg.replace(sample_prompts=str(f))) == [{"prompt": TOKEN, "cfg_scale": 5.5}]
+    assert sample_prompts.parse(cfg.replace(sample_prompts="")) == [{"prompt": f"a photo of {TOKEN}"}]

@@ -185,3 +185,15 @@ def test_resume_from_a_tab_checkpoint_continues_exactly(host, images):
     assert again.status == "done" and any("resuming exactly" in n for n in again.notes), again.notes
     a, b = formats.read_embedding(straight.output), formats.read_embedding(again.output)
     assert b.step == 8 and torch.allclose(a.vectors["emb"], b.vectors["emb"], atol=1e-6, rtol=0)
+
+
+def test_preview_prompt_lines_reach_txt2img_as_options(host, images, monkeypatch):
+    from lib_ti.webui import host as host_api
+
+    seen = []
+    monkeypatch.setattr(host_api, "render_preview", lambda **kw: seen.append(kw))  # records, renders nothing
+    task = train(images, "prevtok", max_train_steps=2, sample_every_n_steps=2,
+                 sample_prompts="prevtok on a table --w 96 --h 64 --s 3 --n blurry")
+    assert task.status == "done", task.error
+    assert seen == [{"prompt": "prevtok on a table", "width": 96, "height": 64, "steps": 3,
+                     "negative_prompt": "blurry"}]

@@ -26,7 +26,7 @@ from lib_ti.webui.tasks import REGISTRY, Task
 log = logging.getLogger("lib_ti")
 
 # Options the WebUI decides itself; the CLI-only ones make no sense with a borrowed model.
-HOST_FIXED = ("pretrained_model_name_or_path", "device", "v2", "output_dir")
+HOST_FIXED = TrainConfig.host_decided()
 PREVIEW_KEYS = ("prompt", "negative_prompt", "steps", "sampler_name", "cfg_scale", "seed", "width", "height")
 
 
