@@ -142,6 +142,9 @@ def test_a_failing_preview_or_reload_keeps_the_vectors(host, images, monkeypatch
     task = train(images, f"fail{hook}", sample_every_n_steps=2)
     assert task.status == "failed" and task.recovery and task.recovery in task.error
     assert task.public()["recovery"] == task.recovery
+    from lib_ti.webui import ui_handlers
+
+    assert task.recovery in ui_handlers.status_html(task)  # the tab shows where
     assert formats.read_embedding(task.recovery).step >= 2
 
 
@@ -181,6 +184,10 @@ def test_resume_from_a_tab_checkpoint_continues_exactly(host, images):
     assert straight.status == "done", straight.error
     (step, ckpt), *_ = straight.checkpoints
     assert step == 3 and Path(resume.state_path(ckpt)).is_file()
+    from lib_ti.webui import job
+
+    published = job.publish_checkpoint(ckpt)  # the state travels with a published checkpoint
+    assert Path(resume.state_path(published)).is_file() and os.stat(published).st_mode & 0o077 != 0o000
     again = train(images, "restok", max_train_steps=8, weights=ckpt, output_name="restok2")
     assert again.status == "done" and any("resuming exactly" in n for n in again.notes), again.notes
     a, b = formats.read_embedding(straight.output), formats.read_embedding(again.output)

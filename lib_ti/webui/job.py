@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from lib_ti import files, formats, run, sample_prompts
+from lib_ti import files, formats, resume, run, sample_prompts
 from lib_ti.config import ConfigError, TrainConfig
 from lib_ti.embedding import Embedding
 from lib_ti.files import RESERVED
@@ -211,6 +211,11 @@ def publish_checkpoint(checkpoint_path: str, overwrite: bool = False) -> str:
     with open(checkpoint_path, "rb") as f:
         data = f.read()
     files.atomic_write([(dest, lambda out: out.write(data))], overwrite=overwrite)
+    state = resume.state_path(checkpoint_path)
+    if os.path.isfile(state):  # so that resuming from the published file is exact too
+        with open(state, "rb") as f:
+            blob = f.read()
+        files.atomic_write([(resume.state_path(dest), lambda out: out.write(blob))], overwrite=True)
     if not any(t.status == "running" for t in REGISTRY.all()):
         host_model.reload_embeddings()
     return dest

@@ -63,6 +63,9 @@ def status_html(task: Task | None) -> str:
         extra += f'<div>Saved <code>{html.escape(task.output)}</code></div>'
     if task.error:
         extra += message_html(task.error)
+    if task.recovery:
+        extra += (f'<div class="ti-trainer-recovery">The trained vectors are kept in <code>{html.escape(task.recovery)}'
+                  "</code>: resume from it, or copy it into the embeddings folder.</div>")
     if task.notes:
         notes = "".join(f"<li>{html.escape(n)}</li>" for n in task.notes)
         extra += f"<details><summary>{len(task.notes)} note(s)</summary><ul>{notes}</ul></details>"
