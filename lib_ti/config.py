@@ -57,9 +57,9 @@ NOTED_KEYS = {
     "no_half_vae": "the VAE always encodes in fp32 (fp16 gives NaN latents on SDXL)",
     "save_precision": "embeddings are always saved in fp32 (a few KB)",
     "cache_text_encoder_outputs": "impossible for TI: the gradient must pass through the text encoder; ignored",
-    "save_state": "the embedding file itself is the state: resume with `weights`",
-    "log_with": "the loss is written to loss.csv in the output folder",
-    "logging_dir": "the loss is written to loss.csv in the output folder",
+    "save_state": "the resume state is always saved beside each file (<file>.ti-state): resume with `weights`",
+    "log_with": "the loss is written to <name>.loss.csv in the output folder",
+    "logging_dir": "the loss is written to <name>.loss.csv in the output folder",
     "max_token_length": "prompts use 75-token chunks as the WebUI does",
     "sample_sampler": "previews use the model's own scheduler",
 }
