@@ -192,6 +192,8 @@ def run(cfg: TrainConfig, model: TrainableModel, out: Outputs, hooks: Callbacks 
             emb = stamp(Embedding({k: v.detach() for k, v in live.good.items()}, step=live.step).detached(),
                         cfg, checkpoint_ids)
             recovery = keep_vectors(out, cfg, emb)
+            if recovery:
+                log.warning("the vectors of step %d are kept in %s", live.step, recovery)
         if not isinstance(e, Exception):
             raise  # Ctrl-C twice, SystemExit: the vectors are kept, the process still ends
         if not isinstance(e, (ConfigError, formats.FormatError)) and not hasattr(e, "field"):

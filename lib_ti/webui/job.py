@@ -36,8 +36,9 @@ class HostOutputs(run.Outputs):
 
     recursive = True
 
-    def __init__(self, cfg: TrainConfig, task: Task | None = None):
+    def __init__(self, cfg: TrainConfig, task: Task | None = None, preview: dict[str, Any] | None = None):
         self.final_dir, self.log_dir, self.task = host_model.embeddings_dir(), cfg.output_dir, task
+        self.preview = preview
 
     def saved(self, path: str, emb: Embedding, cfg: TrainConfig, final: bool, published: bool) -> None:
         if self.task is None:
@@ -127,7 +128,7 @@ def execute(task: Task, cfg: TrainConfig, preview: dict[str, Any] | None = None,
             # underflow to zero (the host's own trainer always scales)
             cfg = cfg.replace(mixed_precision="fp16")
             REGISTRY.update(task.id, notes=[*task.notes, "the model is fp16: training with fp16 mixed precision"])
-        result = run.run(cfg, model, HostOutputs(cfg, task), _callbacks(task, cfg, preview),
+        result = run.run(cfg, model, HostOutputs(cfg, task, preview), _callbacks(task, cfg, preview),
                          host_model.checkpoint_ids())
         REGISTRY.update(task.id, status=result.status, step=result.step, output=result.output,
                         message=result.message, error=result.error, recovery=result.recovery)
