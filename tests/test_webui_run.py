@@ -113,13 +113,14 @@ def test_no_ghost_tasks(host, images, monkeypatch):
     assert job.make_config(values(images, "ghosttok"))  # the name is free again
 
     state = host.shared.state
+    queued = REGISTRY.create("other")
     state.begin(job="task(someone-elses-txt2img)")
     try:
-        queued = REGISTRY.create("other")
         assert job.interrupt(queued.id) is True
         assert not state.interrupted  # another job's run is never interrupted
     finally:
         state.end()
+        REGISTRY.update(queued.id, status="interrupted")  # as its queue wait would end it; no leftover
 
 
 def test_an_overflowing_learning_rate_writes_no_infinite_embedding(host, images):
