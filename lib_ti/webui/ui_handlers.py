@@ -169,7 +169,14 @@ def publish(name: str | None, overwrite: bool) -> str:
 
 
 def embedding_choices() -> list[str]:
-    return [NEW_EMBEDDING, *list_embeddings(_embeddings_dir())]
+    """The embeddings folder, then this session's checkpoints and recovery files (full paths), so
+    an interrupted or failed run can be resumed from where it stopped."""
+    recent = []
+    for task in REGISTRY.all():
+        for path in [task.recovery, *(p for _s, p in reversed(task.checkpoints))]:
+            if path and path not in recent and os.path.isfile(path):
+                recent.append(path)
+    return [NEW_EMBEDDING, *list_embeddings(_embeddings_dir()), *recent]
 
 
 def _embeddings_dir() -> str | None:
