@@ -16,7 +16,7 @@ import traceback
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from lib_ti import files, formats, resume
+from lib_ti import files, formats, outputs, resume
 from lib_ti.config import ConfigError, TrainConfig
 from lib_ti.embedding import Embedding
 from lib_ti.family.base import TrainableModel
@@ -25,7 +25,9 @@ from lib_ti.train import Callbacks, Progress, TrainResult, run_training
 log = logging.getLogger("lib_ti")
 
 # save_model_as -> (formats.save_embedding format, file extension)
-SAVE_AS = {"safetensors": ("safetensors", ".safetensors"), "pt": ("a1111-pt", ".pt")}
+# (invokeai: checkpoints; its final file is `<name>/learned_embeds.bin`, see FolderOutputs)
+SAVE_AS = {"safetensors": ("safetensors", ".safetensors"), "pt": ("a1111-pt", ".pt"),
+           "invokeai": ("safetensors", ".safetensors")}
 TRAINER = "sd-webui-ti-trainer"
 
 
@@ -88,6 +90,10 @@ class Outputs:
         formats.save_embedding(emb, path, SAVE_AS[cfg.save_model_as][0], overwrite=overwrite, token=cfg.token_string)
         return path
 
+    def taken(self, cfg: TrainConfig) -> list[str]:
+        """Files a host would load under the run's name where the final file goes."""
+        return files.files_named(self.final_dir, cfg.name, recursive=self.recursive)
+
     def saved(self, path: str, emb: Embedding, cfg: TrainConfig, final: bool, published: bool) -> None:
         """After each checkpoint and the final file (the WebUI lists them, reloads and checks that the
         host loaded what was published)."""
@@ -104,7 +110,7 @@ def collision(out: Outputs, cfg: TrainConfig) -> str | None:
     layout or subfolder is never allowed (the host keeps one of them); the target itself only with
     `overwrite` or when resuming from it."""
     target = out.final_path(cfg)
-    for p in files.files_named(out.final_dir, cfg.name, recursive=out.recursive):
+    for p in out.taken(cfg):
         if not files.same_file(p, target):
             return (f"an embedding named '{cfg.name}' already exists as {p}; the host would load only one of "
                     "them: pick another name, or move or delete that file")
@@ -234,6 +240,23 @@ class FolderOutputs(Outputs):
         self.final_dir = self.log_dir = os.path.abspath(folder or ".")
         self.write_files = True  # only the first process of a multi-GPU run writes
         self.rows: list[tuple[int, float, float | str]] = []
+
+    def final_path(self, cfg: TrainConfig) -> str:
+        if cfg.save_model_as != "invokeai":
+            return super().final_path(cfg)
+        found = [p for p in (outputs.output_file(cfg, sdxl=x)[0] for x in (False, True)) if p.exists()]
+        return str(found[0] if found else outputs.output_file(cfg)[0])
+
+    def taken(self, cfg: TrainConfig) -> list[str]:
+        return [] if cfg.save_model_as == "invokeai" else super().taken(cfg)  # its own <name>/ folder
+
+    def write(self, emb: Embedding, path: str, cfg: TrainConfig, overwrite: bool) -> str:
+        if cfg.save_model_as == "invokeai" and files.same_file(path, self.final_path(cfg)):
+            target, fmt, token = outputs.output_file(cfg, sdxl="clip_g" in emb.vectors)
+            os.makedirs(target.parent, exist_ok=True)
+            formats.save_embedding(emb, target, fmt, overwrite=overwrite, token=token)
+            return str(target)
+        return super().write(emb, path, cfg, overwrite)
 
     def progress(self, p: Progress) -> None:
         # the validation column only where validation ran at this step

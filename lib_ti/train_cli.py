@@ -198,6 +198,11 @@ def main(args: Any) -> int:
     stop: dict[str, Any] = {}
     try:
         cfg = build_config(args.config_file, args.dataset_config, getattr(args, "set", None))
+        if cfg.debug_dataset:  # kohya: show the dataset and exit, without loading the model
+            from lib_ti.dry_run import debug_dataset
+
+            print(debug_dataset(cfg))
+            return 0
         with graceful_signals(stop):
             result = train(cfg, stop)
     except ConfigError as e:  # one line, naming every field

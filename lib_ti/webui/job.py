@@ -86,6 +86,9 @@ def make_config(values: dict[str, Any]) -> TrainConfig:
     bad_token = token_problem(cfg.token_string)
     if bad_token:
         raise ConfigError(bad_token)
+    if cfg.save_model_as == "invokeai":
+        raise ConfigError({"save_model_as": "the invokeai folder layout is for the CLI; the WebUI loads "
+                           "safetensors or pt"})
     if cfg.save_model_as == "pt" and _host_family() == "sdxl":
         raise ConfigError({"save_model_as": "an SDXL embedding (clip_l + clip_g) cannot be stored in A1111's .pt "
                            "layout; use safetensors"})

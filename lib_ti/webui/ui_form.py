@@ -36,7 +36,12 @@ LABELS = {
     "max_bucket_reso": "Max bucket side", "bucket_reso_steps": "Bucket side step",
     "bucket_no_upscale": "Never upscale into a bucket", "reg_data_dir": "Regularization directory",
     "prior_loss_weight": "Regularization loss weight", "dataset_config": "Dataset TOML",
-    "random_crop": "Random crop", "cache_latents": "Cache latents",
+    "random_crop": "Random crop", "cache_latents": "Cache latents", "center_crop": "Center crop",
+    "caption_prefix": "Caption prefix", "caption_suffix": "Caption suffix",
+    "keep_tokens_separator": "Keep-tags separator", "secondary_separator": "Secondary separator",
+    "caption_dropout_rate": "Caption dropout rate", "caption_dropout_every_n_epochs": "Caption dropout every N epochs",
+    "caption_tag_dropout_rate": "Tag dropout rate", "enable_wildcard": "Wildcards in captions",
+    "token_warmup_min": "Token warmup: first tags", "token_warmup_step": "Token warmup: steps",
     "cache_latents_to_disk": "Cache latents to disk", "vae_batch_size": "VAE batch size",
     # training
     "learning_rate": "Learning rate", "max_train_steps": "Max steps", "max_train_epochs": "Max epochs",
@@ -140,6 +145,7 @@ def to_config_values(values: dict[str, Any], embeddings_dir: str | None) -> dict
     elif not os.path.isabs(weights) and embeddings_dir:
         out["weights"] = os.path.join(embeddings_dir, weights)
     for k, v in list(out.items()):
-        if isinstance(v, str) and k not in ("caption_separator", "sample_prompts"):
+        if isinstance(v, str) and k not in ("caption_separator", "keep_tokens_separator", "secondary_separator",
+                                            "sample_prompts"):
             out[k] = v.strip()  # a pasted path or token with a trailing space is not a different value
     return out
