@@ -206,3 +206,15 @@ def test_preview_prompt_lines_reach_txt2img_as_options(host, images, monkeypatch
     assert task.status == "done", task.error
     assert seen == [{"prompt": "prevtok on a table", "width": 96, "height": 64, "steps": 3,
                      "negative_prompt": "blurry"}]
+
+
+def test_invokeai_layout_is_refused_in_the_webui_and_its_bin_passes_the_safe_check(host, images, tmp_path):
+    from lib_ti.webui import job
+
+    with pytest.raises(ConfigError) as e:
+        job.make_config(values(images, "invtok", save_model_as="invokeai"))
+    assert "CLI" in e.value.errors["save_model_as"]
+    path = tmp_path / "invtok" / "learned_embeds.bin"  # what the CLI's invokeai layout writes
+    path.parent.mkdir()
+    formats.save_embedding(formats.Embedding({"emb": torch.ones(1, 32)}), path, "diffusers", token="<invtok>")
+    host.safe.check_pt(str(path))
