@@ -20,7 +20,7 @@ from lib_ti.files import RESERVED
 from lib_ti.prepare import PrepareError
 from lib_ti.tokens import TokenError, check_token_string
 from lib_ti.train import Callbacks, Progress
-from lib_ti.webui import host, host_model
+from lib_ti.webui import card, host, host_model
 from lib_ti.webui.tasks import REGISTRY, Task
 
 log = logging.getLogger("lib_ti")
@@ -49,6 +49,8 @@ class HostOutputs(run.Outputs):
             host_model.reload_embeddings()
             ok, message = host_model.host_load_check(cfg.name, emb.num_vectors, path=path)
             REGISTRY.update(self.task.id, load_check=("ok: " if ok else "NOT LOADED: ") + message)
+            REGISTRY.update(self.task.id, notes=[*self.task.notes,
+                                                 *card.write_card(self.task, emb, path, cfg, self.preview)])
 
 
 def final_path(cfg: TrainConfig) -> str:
