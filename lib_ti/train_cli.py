@@ -111,12 +111,16 @@ def check_before_loading(cfg: TrainConfig) -> tuple[torch.device, run.FolderOutp
     path and the data. Raises ConfigError/PrepareError (exit 2); creates nothing."""
     if not cfg.pretrained_model_name_or_path:
         raise ConfigError({"pretrained_model_name_or_path": "is required for the CLI: a local diffusers folder"})
-    if not os.path.exists(cfg.pretrained_model_name_or_path):
-        raise ConfigError({"pretrained_model_name_or_path": f"'{cfg.pretrained_model_name_or_path}' does not exist"})
     out = run.FolderOutputs(cfg.output_dir)
     if os.path.exists(out.final_dir) and not os.path.isdir(out.final_dir):
         raise ConfigError({"output_dir": f"'{cfg.output_dir}' is a file, not a folder"})
     run.check_names(out, cfg)
+    from lib_ti.family.load import check_model_path
+
+    try:  # its json files or header only: the weights load later
+        check_model_path(cfg.pretrained_model_name_or_path)
+    except ValueError as e:
+        raise ConfigError({"pretrained_model_name_or_path": (str(e).strip().splitlines() or [""])[0]}) from None
     device = pick_device(cfg.device)
     check_data(cfg)
     return device, out
