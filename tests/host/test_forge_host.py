@@ -211,6 +211,11 @@ def test_tab_trains_in_forge(forge, tmp_path):
                                  "max_train_steps": steps}.items():
                 if field != "seed":
                     fill(field, value)
+            # small previews: after the run the card renders one with these settings (512 px is minutes on a CPU)
+            page.get_by_text("Preview settings", exact=True).click()
+            page.wait_for_selector("#ti_trainer_preview_width", state="visible", timeout=15_000)
+            for field, value in {"preview_width": 64, "preview_height": 64, "preview_steps": 2}.items():
+                fill(field, value)
             page.click("#ti_trainer_train")
             status, deadline = (None, 0), time.time() + 300
             while time.time() < deadline:
