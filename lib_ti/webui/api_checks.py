@@ -1,0 +1,148 @@
+"""Submit-time checks of a train request that are not path policy: the body itself, the preview
+options, what the run would find before its first step (lib_ti/preflight.py, shared with the
+tab), and the queue limit. Every problem becomes a 422 naming its field; nothing here raises
+anything else, whatever the JSON holds."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import traceback
+from typing import Any
+
+from fastapi import HTTPException
+
+from lib_ti import preflight
+from lib_ti.config import TrainConfig
+from lib_ti.webui import api_paths, job
+from lib_ti.webui.tasks import REGISTRY
+
+log = logging.getLogger("lib_ti")
+
+PREVIEW_TYPES = {"prompt": str, "negative_prompt": str, "sampler_name": str, "steps": int,
+                 "cfg_scale": float, "seed": int, "width": int, "height": int}
+PREVIEW_RANGES = {"steps": (1, 150), "cfg_scale": (0.0, 30.0), "seed": (-1, 2**32 - 1),
+                  "width": (64, 2048), "height": (64, 2048)}
+MAX_WAITING = 16  # runs queued or running at once; more is 429
+MAX_MESSAGE = 300
+
+Loc = tuple
+
+
+def unprocessable(errors: dict[Loc, str], where: str = "body") -> HTTPException:
+    """422 in the shape of FastAPI's own validation errors, so clients handle both alike. Messages
+    are cut short and made encodable (a lone surrogate would break the JSON response)."""
+    detail = [{"loc": [where, *[_clean(x) for x in loc]], "msg": _clean(msg), "type": "value_error"}
+              for loc, msg in errors.items()]
+    return HTTPException(status_code=422, detail=detail)
+
+
+def _clean(msg: str) -> str:
+    msg = api_paths.redact(str(msg)).encode("utf-8", "replace").decode("utf-8")
+    return msg if len(msg) <= MAX_MESSAGE else msg[: MAX_MESSAGE - 3] + "..."
+
+
+def parse_body(raw: bytes) -> dict[str, Any]:
+    """The JSON object of a request, or 422."""
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError):  # bad JSON, bad UTF-8, an int of more than 4300 digits
+        raise unprocessable({(): "the body is not valid JSON"}) from None
+    if not isinstance(body, dict):
+        raise unprocessable({(): "the body must be a JSON object of training options"})
+    return body
+
+
+def _bad_value(v: Any) -> str | None:
+    """Values no field can take, found before anything converts them."""
+    if isinstance(v, str):
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError:
+            return "is not valid Unicode text"
+    elif isinstance(v, int) and not isinstance(v, bool) and abs(v) >= 2**63:
+        return "number is too large"
+    elif isinstance(v, float) and not math.isfinite(v):
+        return "must be a finite number"
+    elif isinstance(v, (list, dict)):
+        items = v.values() if isinstance(v, dict) else v
+        if isinstance(v, dict) and any(_bad_value(k) for k in v):
+            return "is not valid Unicode text"
+        return next((why for why in map(_bad_value, items) if why), None)
+    return None
+
+
+def screen(values: dict[str, Any]) -> tuple[dict[str, Any], dict[Loc, str]]:
+    out, errors = {}, {}
+    for key, v in values.items():
+        if _bad_value(key):
+            errors[("?",)] = "an option name is not valid Unicode text"
+        elif _bad_value(v):
+            errors[(key,)] = _bad_value(v)
+        else:
+            out[key] = v
+    return out, errors
+
+
+def check_preview(preview: Any) -> tuple[dict[str, Any] | None, dict[Loc, str]]:
+    if preview is None:
+        return None, {}
+    if not isinstance(preview, dict):
+        return None, {("preview",): "must be an object"}
+    out, errors = {}, {}
+    for key, value in preview.items():
+        kind = PREVIEW_TYPES.get(key)
+        if kind is None or key not in job.PREVIEW_KEYS:
+            errors[("preview", key)] = f"unknown preview option; use {', '.join(job.PREVIEW_KEYS)}"
+            continue
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if number and isinstance(value, int) and abs(value) >= 2**63:
+            errors[("preview", key)] = "number is too large"
+        elif kind is str and not isinstance(value, str):
+            errors[("preview", key)] = "expected text"
+        elif kind is not str and (not number or not math.isfinite(value) or (kind is int and value != int(value))):
+            errors[("preview", key)] = f"expected a {'whole ' if kind is int else ''}number"
+        elif key in PREVIEW_RANGES and not PREVIEW_RANGES[key][0] <= value <= PREVIEW_RANGES[key][1]:
+            errors[("preview", key)] = f"{value} is out of range {PREVIEW_RANGES[key][0]}..{PREVIEW_RANGES[key][1]}"
+        elif key in ("width", "height") and int(value) % 8:
+            errors[("preview", key)] = f"{value} is not a multiple of 8"
+        else:
+            out[key] = kind(value)
+    return out, errors
+
+
+def _model() -> Any:
+    """The loaded model for the checks, or None (no model, --lowvram, ...): the run reports why."""
+    from lib_ti.webui import host_model
+
+    try:
+        return host_model.borrow()
+    except Exception:
+        return None
+
+
+def run_problems(cfg: TrainConfig) -> dict[Loc, str]:
+    """What the run would otherwise find only after it was queued (lib_ti/preflight.py)."""
+    try:
+        found = preflight.run_problems(cfg, _model())
+    except Exception:  # a check that breaks must not turn a submit into a 500; the run will say it
+        log.warning("TI trainer: a submit-time check failed:\n%s", traceback.format_exc())
+        return {}
+    return {(k,): v for k, v in found.items()}
+
+
+def busy_with(name: str) -> str | None:
+    """Two queued runs of one name would both pass the exists-check and the later one would
+    overwrite the earlier one's file; refuse the second while the first is queued or running."""
+    for t in REGISTRY.all():
+        if t.name == name and t.status in ("queued", "running"):
+            return f"a run writing '{name}' is already {t.status} ({t.id}); wait for it or pick another name"
+    return None
+
+
+def check_queue() -> None:
+    waiting = sum(t.status in ("queued", "running") for t in REGISTRY.all())
+    if waiting >= MAX_WAITING:
+        raise HTTPException(status_code=429, detail=f"{waiting} runs are queued or running (at most "
+                            f"{MAX_WAITING}); wait for some to finish", headers={"Retry-After": "60"})
