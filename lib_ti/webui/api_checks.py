@@ -78,6 +78,8 @@ def screen(values: dict[str, Any]) -> tuple[dict[str, Any], dict[Loc, str]]:
     for key, v in values.items():
         if _bad_value(key):
             errors[("?",)] = "an option name is not valid Unicode text"
+        elif key == "preview" and isinstance(v, dict) and not any(_bad_value(k) for k in v):
+            out[key] = v  # check_preview names the bad key itself
         elif _bad_value(v):
             errors[(key,)] = _bad_value(v)
         else:
@@ -101,6 +103,8 @@ def check_preview(preview: Any) -> tuple[dict[str, Any] | None, dict[Loc, str]]:
             errors[("preview", key)] = "number is too large"
         elif kind is str and not isinstance(value, str):
             errors[("preview", key)] = "expected text"
+        elif kind is str and _bad_value(value):
+            errors[("preview", key)] = _bad_value(value)
         elif kind is not str and (not number or not math.isfinite(value) or (kind is int and value != int(value))):
             errors[("preview", key)] = f"expected a {'whole ' if kind is int else ''}number"
         elif key in PREVIEW_RANGES and not PREVIEW_RANGES[key][0] <= value <= PREVIEW_RANGES[key][1]:
