@@ -45,6 +45,7 @@ class TaskInfo(BaseModel):
     eta_s: float | None = None
     output: str | None = None
     error: str | None = None
+    recovery: str | None = None  # where a failed run kept its vectors (when the run layer reports one)
 
 
 class InterruptResult(BaseModel):
@@ -70,9 +71,11 @@ def _finite(x: Any) -> Any:
 
 def task_info(task: Task) -> dict[str, Any]:
     info = {k: _finite(v) for k, v in task.public().items()}
-    info["output"] = api_paths.shown(info.get("output"))  # relative to the embeddings folder
+    for key in ("output", "recovery"):  # relative to the embeddings folder or the WebUI data folder
+        if key in info:
+            info[key] = api_paths.shown(info[key])
     if info.get("error"):
-        info["error"] = api_checks._clean(info["error"])
+        info["error"] = api_checks.clean_message(info["error"])
     return info
 
 

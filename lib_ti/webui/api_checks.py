@@ -33,12 +33,12 @@ Loc = tuple
 def unprocessable(errors: dict[Loc, str], where: str = "body") -> HTTPException:
     """422 in the shape of FastAPI's own validation errors, so clients handle both alike. Messages
     are cut short and made encodable (a lone surrogate would break the JSON response)."""
-    detail = [{"loc": [where, *[_clean(x) for x in loc]], "msg": _clean(msg), "type": "value_error"}
+    detail = [{"loc": [where, *[clean_message(x) for x in loc]], "msg": clean_message(msg), "type": "value_error"}
               for loc, msg in errors.items()]
     return HTTPException(status_code=422, detail=detail)
 
 
-def _clean(msg: str) -> str:
+def clean_message(msg: str) -> str:
     msg = api_paths.redact(str(msg)).encode("utf-8", "replace").decode("utf-8")
     return msg if len(msg) <= MAX_MESSAGE else msg[: MAX_MESSAGE - 3] + "..."
 
@@ -54,7 +54,7 @@ def parse_body(raw: bytes) -> dict[str, Any]:
     return body
 
 
-def _bad_value(v: Any) -> str | None:
+def bad_value(v: Any) -> str | None:
     """Values no field can take, found before anything converts them."""
     if isinstance(v, str):
         try:
@@ -67,21 +67,21 @@ def _bad_value(v: Any) -> str | None:
         return "must be a finite number"
     elif isinstance(v, (list, dict)):
         items = v.values() if isinstance(v, dict) else v
-        if isinstance(v, dict) and any(_bad_value(k) for k in v):
+        if isinstance(v, dict) and any(bad_value(k) for k in v):
             return "is not valid Unicode text"
-        return next((why for why in map(_bad_value, items) if why), None)
+        return next((why for why in map(bad_value, items) if why), None)
     return None
 
 
 def screen(values: dict[str, Any]) -> tuple[dict[str, Any], dict[Loc, str]]:
     out, errors = {}, {}
     for key, v in values.items():
-        if _bad_value(key):
+        if bad_value(key):
             errors[("?",)] = "an option name is not valid Unicode text"
-        elif key == "preview" and isinstance(v, dict) and not any(_bad_value(k) for k in v):
+        elif key == "preview" and isinstance(v, dict) and not any(bad_value(k) for k in v):
             out[key] = v  # check_preview names the bad key itself
-        elif _bad_value(v):
-            errors[(key,)] = _bad_value(v)
+        elif bad_value(v):
+            errors[(key,)] = bad_value(v)
         else:
             out[key] = v
     return out, errors
@@ -103,8 +103,8 @@ def check_preview(preview: Any) -> tuple[dict[str, Any] | None, dict[Loc, str]]:
             errors[("preview", key)] = "number is too large"
         elif kind is str and not isinstance(value, str):
             errors[("preview", key)] = "expected text"
-        elif kind is str and _bad_value(value):
-            errors[("preview", key)] = _bad_value(value)
+        elif kind is str and bad_value(value):
+            errors[("preview", key)] = bad_value(value)
         elif kind is not str and (not number or not math.isfinite(value) or (kind is int and value != int(value))):
             errors[("preview", key)] = f"expected a {'whole ' if kind is int else ''}number"
         elif key in PREVIEW_RANGES and not PREVIEW_RANGES[key][0] <= value <= PREVIEW_RANGES[key][1]:

@@ -20,7 +20,7 @@ MAX_META_TEXT = 500
 
 
 def inspect(name: str) -> dict[str, Any]:
-    why = api_paths.bad_name(name) or ("is not valid Unicode text" if api_checks._bad_value(name) else None)
+    why = api_paths.bad_name(name) or ("is not valid Unicode text" if api_checks.bad_value(name) else None)
     if why:
         raise api_checks.unprocessable({("name",): why}, where="path")
     path = api_paths.find_embedding(name)
@@ -35,7 +35,7 @@ def inspect(name: str) -> dict[str, Any]:
         info = formats.inspect_embedding(path)
     except (OSError, formats.FormatError, ValueError, TypeError, OverflowError, RuntimeError) as e:
         # ValueError: e.g. a 'step' of 5000 digits; RuntimeError: torch refusing a broken file
-        text = api_checks._clean(str(e).splitlines()[0] if str(e) else type(e).__name__)
+        text = api_checks.clean_message(str(e).splitlines()[0] if str(e) else type(e).__name__)
         raise HTTPException(status_code=422, detail=f"cannot read {api_paths.shown(path)}: {text}") from None
     return summary(info)
 
