@@ -120,7 +120,8 @@ def inline_prompt(values: dict[str, Any]) -> str | None:
     """A one-line sample_prompts that is plainly a prompt, not a path: taken out of `values` (so the
     run never looks for a file of that name) and returned, to be used as the preview prompt."""
     lines = _lines(values.get("sample_prompts"))
-    if len(lines) == 1 and not looks_like_path(lines[0]) and "\0" not in lines[0]:
+    # a line with kohya options ('... --w 512') stays: those are parsed from sample_prompts only
+    if len(lines) == 1 and not looks_like_path(lines[0]) and "\0" not in lines[0] and " --" not in lines[0]:
         del values["sample_prompts"]
         return lines[0]
     return None
