@@ -259,3 +259,20 @@ def test_fuzz_runs_have_ended(client):
     while any(t.status in ("queued", "running") for t in REGISTRY.all()):
         assert time.time() < end, [t.public() for t in REGISTRY.all() if t.status in ("queued", "running")]
         time.sleep(0.1)
+
+
+def test_a_one_line_prompt_is_never_read_as_a_file_outside(host, ctx):
+    """job.py reads a one-line sample_prompts that names a file; outside the readable folders a
+    plain prompt becomes the preview prompt instead, and a path is refused (same answer either way)."""
+    from lib_ti.webui import api_paths
+
+    for text, moved in (("a photo of xqz", True), ("  a photo of xqz \n\n", True), ("a photo --w 512", False),
+                        ("/etc/hostname", False), ("prompts.txt", False), ("one\ntwo", False)):
+        values = {"sample_prompts": text}
+        assert (api_paths.inline_prompt(values) is not None) is moved, text
+        assert ("sample_prompts" not in values) is moved
+    for text, refused in (("/etc/hostname", True), (os.path.join(ctx.outside, "x.txt"), True),
+                          (os.path.join(ctx.inside, "p.txt"), False), ("one\n/etc/hostname", False),
+                          ("a photo --w 512", False)):
+        _, errors = api_paths.check_paths({"sample_prompts": text})
+        assert (("sample_prompts",) in errors) is refused, (text, errors)

@@ -106,8 +106,9 @@ def check_paths(values: dict[str, Any]) -> tuple[dict[str, Any], dict[Loc, str]]
     _check_weights(values, errors)
     _check_template(values, errors)
     lines = _lines(values.get("sample_prompts"))
-    # job.py reads a one-line value that names an existing file as a prompts file
-    if len(lines) == 1 and not readable(lines[0]):
+    # job.py reads a one-line value that names an existing file as a prompts file (a plain prompt
+    # was moved out by inline_prompt; one with kohya options is no plausible file name)
+    if len(lines) == 1 and looks_like_path(lines[0]) and not readable(lines[0]):
         errors[("sample_prompts",)] = OUTSIDE
     return values, errors
 
