@@ -233,7 +233,7 @@ def fields() -> list[str]:
 _seen = {"n": 0}
 
 
-@settings(max_examples=250, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=int(os.environ.get("TI_FUZZ_EXAMPLES", "250")), deadline=None, suppress_health_check=list(HealthCheck))
 @given(key=st.sampled_from(sorted(set(fields()))), value=JSON_VALUES)
 def test_fuzz_every_field_never_500(client, ctx, key, value):
     _seen["n"] += 1
@@ -248,6 +248,67 @@ def test_fuzz_every_field_never_500(client, ctx, key, value):
     if r.status_code == 202:  # a valid run: stop it before it starts
         client.post(f"{V1}/tasks/{r.json()['task_id']}/interrupt")
 
+
+def typed_value(name: str) -> st.SearchStrategy:
+    """Values of the field's own type around its range: many of them valid, so runs do start."""
+    import dataclasses
+
+    from lib_ti.config import TrainConfig
+
+    f = {f.name: f for f in dataclasses.fields(TrainConfig)}[name]
+    d = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    lo, hi, choices = f.metadata.get("lo"), f.metadata.get("hi"), f.metadata.get("choices")
+    if choices:
+        return st.sampled_from([*choices, "bogus"])
+    if isinstance(d, bool):
+        return st.booleans()
+    if isinstance(d, int):  # small: a valid run must stay quick
+        low = int(lo) - 1 if lo is not None else -2
+        return st.integers(low, min(int(hi) + 1 if hi is not None else low + 18, low + 18))
+    if isinstance(d, float):
+        return st.floats(lo - 1 if lo is not None else -2, hi + 1 if hi is not None else 50, allow_nan=False)
+    if isinstance(d, list):
+        return st.lists(st.sampled_from(["weight_decay=0.1", "eps=1e-8", "betas=(0.8,0.9)", "betas=5", "foo=1",
+                                         "amsgrad=True", "momentum=0.5"]), max_size=2)
+    if name == "learning_rate":
+        return st.sampled_from(["0.05", "0.01:1, 0.001", "1e-3", "-1", "0", "0.01:2, 0.01:1"])
+    if name == "resolution":
+        return st.sampled_from(["64", "64,128", "128x64", "72", "63", "64,64,64"])
+    return st.text(max_size=4)
+
+
+TYPED = ["init_word", "init_word_spread", "num_vectors_per_token", "clip_skip", "optimizer_type", "optimizer_args",
+         "learning_rate", "lr_scheduler", "lr_warmup_steps", "lr_scheduler_num_cycles", "resolution",
+         "enable_bucket", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps", "flip_aug", "random_crop",
+         "cache_latents", "shuffle_caption", "keep_tokens", "caption_extension", "mixed_precision",
+         "gradient_accumulation_steps", "train_batch_size", "max_grad_norm", "min_snr_gamma", "noise_offset",
+         "prior_loss_weight", "validation_every_n_steps", "validation_batch_size", "auto_stop", "seed",
+         "use_style_template", "save_every_n_steps"]
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
+@given(data=st.data(), keys=st.lists(st.sampled_from(TYPED), min_size=1, max_size=3, unique=True))
+def test_fuzz_a_202_never_fails_later(client, ctx, data, keys):
+    """What passes the submit checks trains to the end: every failure knowable at submit is a 422."""
+    import time
+
+    _seen["n"] += 1
+    body = api_cases.base(ctx, token_string=f"xqzfd{_seen['n']}-ti")
+    body.update({k: data.draw(typed_value(k), label=k) for k in keys})
+    r = client.post(f"{V1}/train", content=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    assert r.status_code in (202, 422), r.text
+    if r.status_code == 202:
+        end = time.time() + 120
+        while (info := client.get(f"{V1}/tasks/{r.json()['task_id']}").json())["status"] in ("queued", "running"):
+            assert time.time() < end
+            time.sleep(0.05)
+        assert info["status"] == "done", ({k: body[k] for k in keys}, info)
+
+
+def test_clip_skip_beyond_the_text_encoder_is_422(client, ctx, host):
+    layers = host.shared.sd_model.cond_stage_model.wrapped.transformer.config.num_hidden_layers
+    r = client.post(f"{V1}/train", json=api_cases.base(ctx, clip_skip=layers + 1))
+    assert r.status_code == 422 and "layers" in {d["loc"][1]: d["msg"] for d in r.json()["detail"]}["clip_skip"]
 
 def test_fuzz_runs_have_ended(client):
     """The fuzz's valid runs were stopped; wait for them so nothing runs past this module."""

@@ -102,7 +102,7 @@ def submit(raw: bytes) -> Any:
         raise unprocessable(errors) from None
     if errors:
         raise unprocessable(errors)
-    errors = api_checks.run_problems(cfg)
+    errors = api_checks.run_problems(cfg, values)
     if errors:
         raise unprocessable(errors)
     with _submit_lock:  # the limit, the name check and the queueing as one step

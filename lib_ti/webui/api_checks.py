@@ -126,14 +126,32 @@ def _model() -> Any:
         return None
 
 
-def run_problems(cfg: TrainConfig) -> dict[Loc, str]:
+def run_problems(cfg: TrainConfig, values: dict[str, Any]) -> dict[Loc, str]:
     """What the run would otherwise find only after it was queued (lib_ti/preflight.py)."""
     try:
         found = preflight.run_problems(cfg, _model())
+        if not job.host_clip_skip(values):
+            found.update(_clip_skip_problem(cfg.clip_skip))
     except Exception:  # a check that breaks must not turn a submit into a 500; the run will say it
         log.warning("TI trainer: a submit-time check failed:\n%s", traceback.format_exc())
         return {}
     return {(k,): v for k, v in found.items()}
+
+
+def _clip_skip_problem(clip_skip: int) -> dict[str, str]:
+    """SD1's clip skip indexes the text encoder's hidden states: no more than it has layers."""
+    from lib_ti.webui import host_model
+
+    try:
+        m = host_model.sd_model()
+        if host_model.family_of(m) != "sd1":
+            return {}  # SD2 and SDXL ignore it, as the host does
+        layers = int(m.cond_stage_model.wrapped.transformer.config.num_hidden_layers)
+    except Exception:  # another text encoder layout: the run reports a bad value itself
+        return {}
+    if clip_skip > layers:
+        return {"clip_skip": f"{clip_skip} is more than the {layers} layers of the loaded text encoder"}
+    return {}
 
 
 def busy_with(name: str) -> str | None:

@@ -90,6 +90,8 @@ def check_paths(values: dict[str, Any]) -> tuple[dict[str, Any], dict[Loc, str]]
         if key in values:
             errors[(key,)] = "is decided by the host; not accepted from the API"
             del values[key]
+    if "v2" in values and not isinstance(values["v2"], bool):  # job.py drops it: the model tells the family
+        errors[("v2",)] = "expected true or false"
     for key in NAME_FIELDS:
         v = values.get(key)
         if isinstance(v, str) and bad_name(v):
