@@ -1,7 +1,7 @@
 """Submit-time checks of a train request that are not path policy: the body itself, the preview
 options, what the run would find before its first step (lib_ti/preflight.py, shared with the
-tab), and the queue limit. Every problem becomes a 422 naming its field; nothing here raises
-anything else, whatever the JSON holds."""
+tab), and the queue limit (429). Every other problem becomes a 422 naming its field, whatever
+the JSON holds."""
 
 from __future__ import annotations
 
