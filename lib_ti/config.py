@@ -14,7 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lib_ti import config_compat
+from lib_ti.config_compat import NOTED_KEYS
 from lib_ti.schedule import SCHEDULERS, parse_piecewise
+
+__all__ = ["NOTED_KEYS", "OPTIMIZERS", "ConfigError", "TrainConfig", "toml_module"]
 
 
 class ConfigError(ValueError):
@@ -42,28 +46,6 @@ OPTIMIZER_ALIASES = {
     "adafactor": "AdamW", "lion8bit": "Lion", "pagedlion8bit": "Lion", "sgdnesterov8bit": "SGDNesterov",
 }
 
-# kohya options that mean nothing for TI or are always on here: accepted so kohya TOML runs,
-# and explained (never silently dropped).
-NOTED_KEYS = {
-    "xformers": "attention uses PyTorch SDPA where the model allows it; xformers is not needed",
-    "sdpa": "SDPA attention is always used where the model allows it",
-    "mem_eff_attn": "SDPA attention is always used where the model allows it",
-    "max_data_loader_n_workers": "latents are cached up front, so no loader workers are used",
-    "persistent_data_loader_workers": "latents are cached up front, so no loader workers are used",
-    "lowram": "only the text encoder, UNet and a few vectors are kept; nothing to save here",
-    "full_fp16": "the vectors always stay fp32; mixed_precision sets the compute dtype",
-    "full_bf16": "the vectors always stay fp32; mixed_precision sets the compute dtype",
-    "no_half_vae": "the VAE always encodes in fp32 (fp16 gives NaN latents on SDXL)",
-    "save_precision": "embeddings are always saved in fp32 (a few KB)",
-    "cache_text_encoder_outputs": "impossible for TI: the gradient must pass through the text encoder; ignored",
-    "save_state": "the embedding file itself is the state: resume with `weights`",
-    "log_with": "the loss is written to loss.csv in the output folder",
-    "logging_dir": "the loss is written to loss.csv in the output folder",
-    "max_token_length": "prompts use 75-token chunks as the WebUI does",
-    "sample_sampler": "previews use the model's own scheduler",
-}
-
-
 @dataclass(frozen=True)
 class TrainConfig:
     # --- model and output (CLI: model folder; WebUI: the loaded checkpoint) ---
@@ -72,7 +54,8 @@ class TrainConfig:
     v_parameterization: bool = _opt(False, "force v-prediction targets (SD2-768-v style models)")
     output_dir: str = _opt("", "where the embedding and its checkpoints go")
     output_name: str = _opt("", "file name of the embedding (default: token_string)")
-    save_model_as: str = _opt("safetensors", "file format", choices=("safetensors", "pt"))
+    save_model_as: str = _opt("safetensors", "file format; invokeai: <output_dir>/<name>/learned_embeds.bin",
+                              choices=("safetensors", "pt", "invokeai"))
     overwrite: bool = _opt(False, "replace an existing embedding of the same name")
     save_every_n_steps: int = _opt(0, "save a checkpoint every N steps (0: only at the end)", lo=0)
     # --- token ---
@@ -94,6 +77,18 @@ class TrainConfig:
     shuffle_caption: bool = _opt(False, "shuffle comma-separated tags each step")
     keep_tokens: int = _opt(0, "leading tags kept in place when shuffling", lo=0)
     caption_separator: str = _opt(",", "tag separator for shuffling")
+    keep_tokens_separator: str = _opt("", "tags before it (and after a second one) stay in place when shuffling")
+    secondary_separator: str = _opt("", "joins tags that shuffle and drop together; becomes caption_separator")
+    caption_prefix: str = _opt("", "text put before every caption")
+    caption_suffix: str = _opt("", "text put after every caption")
+    enable_wildcard: bool = _opt(False, "{red|blue} choices and several caption lines, one picked each step")
+    caption_dropout_rate: float = _opt(0.0, "share of steps an image is shown with an empty caption", lo=0.0, hi=1.0)
+    caption_dropout_every_n_epochs: int = _opt(0, "empty captions for every image in every Nth epoch", lo=0)
+    caption_tag_dropout_rate: float = _opt(0.0, "chance of dropping each tag keep_tokens does not keep", lo=0.0, hi=1.0)
+    token_warmup_min: int = _opt(1, "tags shown at the start of token warmup", lo=0)
+    token_warmup_step: float = _opt(0.0, "steps (or a fraction of the run if < 1) to show all tags (0: off)",
+                                    lo=0.0)
+    debug_dataset: bool = _opt(False, "CLI only: list every image with its bucket and sample prompts, then exit")
     resolution: str = _opt("512", "training size 'N' or 'W,H'")
     enable_bucket: bool = _opt(False, "aspect-ratio buckets instead of one square size")
     min_bucket_reso: int = _opt(256, "smallest bucket side", lo=64, hi=4096)
@@ -102,6 +97,7 @@ class TrainConfig:
     bucket_no_upscale: bool = _opt(False, "never upscale small images into a bucket")
     flip_aug: bool = _opt(False, "random horizontal flips")
     random_crop: bool = _opt(False, "random instead of center crop (needs cache_latents off)")
+    center_crop: bool = _opt(True, "crop the image's center to the training size (false: squash it, as InvokeAI)")
     cache_latents: bool = _opt(True, "encode images once and keep the latents in RAM")
     cache_latents_to_disk: bool = _opt(False, "also keep latents on disk for the next run")
     vae_batch_size: int = _opt(1, "images per VAE batch when caching", lo=1, hi=256)
@@ -138,8 +134,8 @@ class TrainConfig:
     auto_stop_window: int = _opt(10, "validation points the flatness test looks at", lo=3, hi=10_000)
     auto_stop_threshold: float = _opt(0.15, "stop when var(last window) / var(all) is below this",
                                       lo=0.0, hi=1.0)
-    # kohya keys that only carry an explanation (see NOTED_KEYS)
-    ignored: dict = _opt({}, "kohya options accepted without effect, with the reason")
+    # options of other trainers that were accepted without effect or translated, with the reason
+    ignored: dict = _opt({}, "options of other trainers accepted without effect or translated, with the reason")
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -149,13 +145,10 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
         known = {f.name: f for f in dataclasses.fields(cls) if f.name != "ignored"}
-        errors: dict[str, str] = {}
+        # kohya's no-op options and InvokeAI's names (with its defaults) become our fields and notes
+        values, ignored, errors = config_compat.translate(values, set(known))
         kwargs: dict[str, Any] = {}
-        ignored: dict[str, str] = {}
         for key, value in values.items():
-            if key in NOTED_KEYS:
-                ignored[key] = NOTED_KEYS[key]
-                continue
             if key not in known:
                 near = difflib.get_close_matches(key, list(known), n=1)
                 errors[key] = "unknown option" + (f" (did you mean '{near[0]}'?)" if near else "")
@@ -231,6 +224,8 @@ class TrainConfig:
             errors["train_data_dir"] = "is required (or give dataset_config)"
         if self.use_object_template and self.use_style_template:
             errors["use_style_template"] = "choose the object or the style template, not both"
+        if self.random_crop and not self.center_crop:
+            errors["center_crop"] = "false squashes the whole image to the training size; random_crop has nothing to crop"
         if self.random_crop and self.cache_latents:
             errors["random_crop"] = "needs cache_latents off: a cached latent cannot be re-cropped"
         if self.min_bucket_reso > self.max_bucket_reso:
@@ -279,9 +274,19 @@ class TrainConfig:
             notes.append("v2: the model family is detected from the model itself")
         return notes
 
+    def subset_options(self) -> dict[str, Any]:
+        """The per-image-folder options (kohya's subset keys) as `data.SubsetSpec` takes them."""
+        return {k: getattr(self, k) for k in SUBSET_FIELDS}
+
     @property
     def name(self) -> str:
         return self.output_name or self.token_string
+
+
+SUBSET_FIELDS = ("caption_extension", "shuffle_caption", "keep_tokens", "caption_separator", "keep_tokens_separator",
+                 "secondary_separator", "caption_prefix", "caption_suffix", "enable_wildcard", "caption_dropout_rate",
+                 "caption_dropout_every_n_epochs", "caption_tag_dropout_rate", "token_warmup_min", "token_warmup_step",
+                 "flip_aug", "random_crop")
 
 
 def toml_module():

@@ -290,7 +290,6 @@ def check_widths(emb: Embedding, expected: dict[str, int]) -> None:
     raise FormatError(f"embedding is {describe_widths(got)} but the model is {describe_widths(expected)}")
 
 
-
 def _clean(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to("cpu", torch.float32).contiguous().clone()
 
@@ -372,19 +371,21 @@ def write_a1111_pt(emb: Embedding, path: str | os.PathLike[str], overwrite: bool
 
 def write_diffusers(emb: Embedding, path: str | os.PathLike[str], token: str,
                     overwrite: bool = False) -> list[str]:
-    """`{token: [n, D]}` as diffusers' load_textual_inversion wants; SDXL as diffusers' two files
-    (clip_l in `path`, clip_g in the `_2` partner)."""
+    """`{token: [n, D]}` as diffusers' load_textual_inversion wants (`.bin`: a torch pickle, one vector 1-D,
+    as InvokeAI's learned_embeds.bin); SDXL as diffusers' two files (clip_l in `path`, clip_g in `_2`)."""
     if not token:
         raise FormatError("the diffusers layout needs a token (the placeholder the vectors are stored under)")
-    path = os.fspath(path)
-    meta = _header(emb, format="pt")
+    path, meta = os.fspath(path), _header(emb, format="pt")
+
+    def writer(t: torch.Tensor) -> Callable[[Any], None]:
+        one = {token: _clean(t[0] if t.shape[0] == 1 else t)}
+        return (lambda f: torch.save(one, f)) if path.endswith(".bin") else _st_writer({token: t}, meta)
     if _layout(emb) == "single":
-        return _atomic([(path, _st_writer({token: next(iter(emb.vectors.values()))}, meta))], overwrite)
+        return _atomic([(path, writer(next(iter(emb.vectors.values()))))], overwrite)
     second, is_second = partner_path(path)
     if is_second:
         raise FormatError(f"{path} names the second encoder's file; give the first one (without _2)")
-    return _atomic([(path, _st_writer({token: emb.vectors["clip_l"]}, meta)),
-                    (second, _st_writer({token: emb.vectors["clip_g"]}, meta))], overwrite)
+    return _atomic([(path, writer(emb.vectors["clip_l"])), (second, writer(emb.vectors["clip_g"]))], overwrite)
 
 
 def save_embedding(emb: Embedding, path: str | os.PathLike[str], fmt: str, overwrite: bool = False,

@@ -72,12 +72,11 @@ def start_vectors(cfg: TrainConfig, model: TrainableModel) -> tuple[dict[str, to
 
 def dataset_spec(cfg: TrainConfig) -> data.DatasetSpec:
     w, h = cfg.resolution_wh()
-    opts = dict(caption_extension=cfg.caption_extension, shuffle_caption=cfg.shuffle_caption,
-                keep_tokens=cfg.keep_tokens, caption_separator=cfg.caption_separator,
-                flip_aug=cfg.flip_aug, random_crop=cfg.random_crop)
+    opts = cfg.subset_options()
     base = dict(resolution=(h, w), enable_bucket=cfg.enable_bucket, min_bucket_reso=cfg.min_bucket_reso,
                 max_bucket_reso=cfg.max_bucket_reso, bucket_reso_steps=cfg.bucket_reso_steps,
-                bucket_no_upscale=cfg.bucket_no_upscale, batch_size=cfg.train_batch_size)
+                bucket_no_upscale=cfg.bucket_no_upscale, batch_size=cfg.train_batch_size,
+                center_crop=cfg.center_crop)
     if cfg.dataset_config:
         return data.load_dataset_toml(cfg.dataset_config, defaults={**base, **opts})
     for key in ("train_data_dir", "reg_data_dir"):

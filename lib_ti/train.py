@@ -180,7 +180,7 @@ def _loop(cfg: TrainConfig, model: TrainableModel, cb: Callbacks, prep: Prepared
         items = [prep.items[i] for i in batch]
         flips = [it.subset.flip_aug and rng.random() < 0.5 for it in items]
         latents, sizes = _latents(model, prep, batch, flips, rng)
-        texts = [prep.prompts.build(it, rng) for it in items]
+        texts = [prep.prompts.build(it, rng, epoch=epoch, step=step, max_steps=max_steps) for it in items]
         weights = torch.tensor([cfg.prior_loss_weight if it.subset.is_reg else 1.0 for it in items], device=dev)
         noise = torch.randn(latents.shape, generator=gen)
         if cfg.noise_offset > 0:  # shifts the mean per channel so the model learns dark/bright images

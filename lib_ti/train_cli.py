@@ -15,16 +15,13 @@ from typing import Any
 
 import torch
 
-from lib_ti import formats
+from lib_ti import formats, outputs
 from lib_ti.config import ConfigError, TrainConfig, _literal
 from lib_ti.embedding import Embedding
 from lib_ti.prepare import PrepareError
 from lib_ti.train import Callbacks, Progress, TrainResult, run_training
 
 log = logging.getLogger("lib_ti")
-
-EXT = {"safetensors": ".safetensors", "pt": ".pt"}
-FMT = {"safetensors": "safetensors", "pt": "a1111-pt"}
 
 
 def parse_sets(pairs: list[str] | None) -> dict[str, Any]:
@@ -75,17 +72,16 @@ class FolderSaver:
             self.rows.append((p.step, p.loss, p.val_loss if p.val_loss is not None else ""))
 
     def checkpoint(self, emb: Embedding, final: bool) -> str:
-        ext = EXT[self.cfg.save_model_as]
-        stem = self.cfg.name if final else f"{self.cfg.name}-{emb.step}"
-        path = self.dir / f"{stem}{ext}"
+        path, fmt, token = outputs.output_file(self.cfg, None if final else emb.step, sdxl="clip_g" in emb.vectors)
+        path.parent.mkdir(exist_ok=True)  # the invokeai layout's <name>/ folder
         emb.name = self.cfg.name
-        formats.save_embedding(emb, str(path), FMT[self.cfg.save_model_as], overwrite=True)
+        formats.save_embedding(emb, str(path), fmt, overwrite=True, token=token)
         if final:
             self.write_csv()
         return str(path)
 
     def final_path(self) -> Path:
-        return self.dir / f"{self.cfg.name}{EXT[self.cfg.save_model_as]}"
+        return outputs.output_file(self.cfg)[0]
 
     def write_csv(self) -> None:
         with open(self.dir / "loss.csv", "w", newline="") as f:
@@ -199,6 +195,11 @@ def train(cfg: TrainConfig) -> TrainResult:
 def main(args: Any) -> int:
     try:
         cfg = build_config(args.config_file, args.dataset_config, getattr(args, "set", None))
+        if cfg.debug_dataset:  # kohya: show the dataset and exit, without loading the model
+            from lib_ti.dry_run import debug_dataset
+
+            print(debug_dataset(cfg))
+            return 0
         result = train(cfg)
     except (ConfigError, PrepareError, formats.FormatError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The one command that sets up the test environment and runs every check:
 #   bash tests/run.sh [pytest args...]
-# Creates .venv/ in the repository root (git-ignored) with the versions A1111 v1.10.1 ships,
-# then runs ruff, vermin (code must run on Python 3.10) and pytest.
+# Creates .venv/ in the repository root (git-ignored): torch 2.13 (CPU build) and the library, UI and API
+# versions A1111 v1.10.1 pins (see README, "Running the tests"), then runs ruff, vermin (code must run
+# on Python 3.10) and pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,14 +15,15 @@ pick_python() {
     echo "no python3 found" >&2; exit 1
 }
 
-stamp_src=$(cat tests/requirements.txt tests/requirements-ui.txt tests/constraints.txt tests/run.sh | sha1sum | cut -c1-16)
+stamp_src=$(cat tests/requirements.txt tests/requirements-ui.txt tests/constraints.txt tests/run.sh tests/install-torch.sh | sha1sum | cut -c1-16)
 if [ ! -f .venv/.stamp ] || [ "$(cat .venv/.stamp)" != "$stamp_src" ]; then
     rm -rf .venv
     "$(pick_python)" -m venv .venv
     . .venv/bin/activate
     python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-    # torch first and alone: the CPU build, so nothing can pull a CUDA one.
-    python -m pip install -q torch==2.13.0
+    # torch first and alone, the CPU build asked for explicitly (+cpu), so nothing can pull a CUDA one;
+    # the script fails if the installed torch has CUDA.
+    bash tests/install-torch.sh python
     python -m pip install -q -c tests/constraints.txt -r tests/requirements.txt
     # open_clip only for its BPE vocabulary file; --no-deps keeps (CUDA) torchvision out.
     python -m pip install -q --no-deps open-clip-torch==2.20.0

@@ -58,8 +58,8 @@ def test_defaults_alone_and_int_resolution(tmp_path):
 
 
 @pytest.mark.parametrize("text, where, key", [
-    ('[general]\ncolor_aug = true\n[[datasets]]\n[[datasets.subsets]]\nimage_dir = "x"', "[general]",
-     "color_aug"),
+    ('[general]\ncolour_aug = true\n[[datasets]]\n[[datasets.subsets]]\nimage_dir = "x"', "[general]",
+     "colour_aug"),
     ('[[datasets]]\nreso = 512\n[[datasets.subsets]]\nimage_dir = "x"', "[[datasets]] #1", "reso"),
     ('[[datasets]]\n[[datasets.subsets]]\nimage_dir = "x"\nrepeats = 3', "[[datasets.subsets]] #1",
      "repeats"),

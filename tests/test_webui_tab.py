@@ -17,7 +17,7 @@ from lib_ti.webui import plot
 
 TESTS = Path(__file__).resolve().parent
 TOKEN = "mytok123"
-CLI_ONLY = ("pretrained_model_name_or_path", "device", "v2", "output_dir")
+CLI_ONLY = ("pretrained_model_name_or_path", "device", "v2", "output_dir", "debug_dataset")
 
 
 # ---------------------------------------------------------------- plot (no host needed)

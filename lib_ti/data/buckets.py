@@ -75,6 +75,7 @@ class BucketManager:
         self.no_upscale = spec.enable_bucket and spec.bucket_no_upscale
         self.step = spec.bucket_reso_steps
         self.max_area = w * h
+        self.squash = not spec.center_crop
         if not self.enable:
             self.buckets = [(w, h)]
         else:
@@ -88,7 +89,12 @@ class BucketManager:
         return x - x % self.step
 
     def assign(self, w: int, h: int) -> tuple[tuple[int, int], tuple[int, int]]:
-        """(bucket (w, h), resized (w, h)) for an image of size (w, h)."""
+        """(bucket (w, h), resized (w, h)) for an image of size (w, h). Squashing resizes the whole
+        image to the bucket, aspect ratio ignored, so nothing is cropped."""
+        bucket, resized = self._assign(w, h)
+        return (bucket, bucket) if self.squash else (bucket, resized)
+
+    def _assign(self, w: int, h: int) -> tuple[tuple[int, int], tuple[int, int]]:
         if not self.no_upscale:
             bucket = assign_bucket(w, h, self.buckets)
             return bucket, cover_size(w, h, bucket)

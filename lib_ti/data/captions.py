@@ -7,6 +7,7 @@ with `[name]` for the token and `[filewords]` for the image's caption.
 
 from __future__ import annotations
 
+import math
 import random
 import re
 from pathlib import Path
@@ -73,6 +74,65 @@ def process_caption(caption: str, shuffle: bool, keep_tokens: int, separator: st
     return join_tags(fixed + flex, separator)
 
 
+def _wildcards(text: str, rng: random.Random) -> str:
+    """kohya enable_wildcard: each `{a|b|c}` becomes one of its options; `{{` and `}}` are literal braces."""
+    open_, close = "\x00", "\x01"
+    text = text.replace("{{", open_).replace("}}", close)
+    text = re.sub(r"\{([^}]+)\}", lambda m: rng.choice(m.group(1).split("|")), text)
+    return text.replace(open_, "{").replace(close, "}")
+
+
+def dropped(s, rng: random.Random, epoch: int | None = None) -> bool:
+    """kohya caption dropout: this sample is shown with an empty caption (at `caption_dropout_rate`,
+    or for every image in every `caption_dropout_every_n_epochs`-th epoch, counted from 1)."""
+    by_rate = s.caption_dropout_rate > 0 and rng.random() < s.caption_dropout_rate
+    n = s.caption_dropout_every_n_epochs
+    return by_rate or (n > 0 and epoch is not None and epoch % n == 0)
+
+
+def caption_text(caption: str, s, rng: random.Random | None = None, step: int | None = None,
+                 max_steps: int | None = None, augment: bool = True) -> str:
+    """A caption as kohya's dataset turns it into a prompt, for subset options `s`: one line (a random
+    one with wildcards), `{a|b}` choices, caption_prefix/suffix, then the tags: kept ones in place
+    (keep_tokens, or the parts before and after keep_tokens_separator), the rest cut by token warmup,
+    shuffled and dropped at caption_tag_dropout_rate; secondary_separator becomes caption_separator.
+    Without `augment` (the fixed validation prompt) nothing random happens. Dropout is `dropped`."""
+    rng = rng or random.Random()
+    lines = [ln.strip() for ln in caption.splitlines() if ln.strip()] or [""]
+    if s.enable_wildcard:
+        caption = _wildcards(rng.choice(lines) if augment else lines[0], rng if augment else random.Random(0))
+    else:
+        caption = lines[0]
+    # kohya adds the prefix and suffix before anything else; with one line that is the same
+    caption = " ".join(p for p in (s.caption_prefix, caption, s.caption_suffix) if p)
+    sep, kts = s.caption_separator, s.keep_tokens_separator
+    warmup = s.token_warmup_step
+    if 0 < warmup < 1 and max_steps:
+        warmup = math.floor(warmup * max_steps)
+    work = augment and (s.shuffle_caption or s.caption_tag_dropout_rate > 0 or (warmup and step is not None))
+    if work or (kts and kts in caption):
+        tail: list[str] = []
+        if kts and kts in caption:
+            head, flex_part = caption.split(kts, 1)
+            if kts in flex_part:
+                flex_part, tail_part = flex_part.split(kts, 1)
+                tail = split_tags(tail_part, sep)
+            fixed, flex = split_tags(head, sep), split_tags(flex_part, sep)
+        else:
+            tags = split_tags(caption, sep)
+            fixed, flex = tags[: s.keep_tokens], tags[s.keep_tokens:]
+        if augment and warmup and step is not None and step < warmup:
+            flex = flex[: math.floor(step * (len(flex) - s.token_warmup_min) / warmup) + s.token_warmup_min]
+        if augment and s.shuffle_caption:
+            rng.shuffle(flex)
+        if augment and s.caption_tag_dropout_rate > 0:
+            flex = [t for t in flex if rng.random() >= s.caption_tag_dropout_rate]
+        caption = join_tags(fixed + flex + tail, sep)
+    if s.secondary_separator:
+        caption = caption.replace(s.secondary_separator, sep)
+    return caption
+
+
 def load_template_file(path: str | Path) -> list[str]:
     """A1111 syntax: one prompt per non-empty line."""
     try:
@@ -105,8 +165,10 @@ def _has_word(text: str, word: str) -> bool:
 
 
 def captions_missing_token(items: list, token: str) -> list[str]:
-    """Paths of items whose caption never names `token` (case-insensitive, whole word)."""
-    return [it.path for it in items if not _has_word(it.caption, token)]
+    """Paths of items whose caption (with its subset's prefix and suffix, any wildcard line) never
+    names `token` (case-insensitive, whole word)."""
+    return [it.path for it in items
+            if not _has_word(" ".join((it.subset.caption_prefix, it.caption, it.subset.caption_suffix)), token)]
 
 
 class PromptBuilder:
@@ -143,20 +205,26 @@ class PromptBuilder:
             return template.replace("{}", self.token)
         return _tidy(template.replace("[name]", self.token).replace("[filewords]", caption))
 
-    def build(self, item, rng: random.Random | None = None) -> str:
+    def build(self, item, rng: random.Random | None = None, epoch: int | None = None, step: int | None = None,
+              max_steps: int | None = None) -> str:
+        """The prompt of one sample. `epoch` (from 1) and `step` drive kohya's per-epoch caption
+        dropout and token warmup; without them those two are off."""
         rng = rng or random.Random()
-        s = item.subset
+        if dropped(item.subset, rng, epoch):  # kohya: also in template modes, the whole prompt
+            return ""
         if self.mode in ("object", "style"):
             return self._fill(rng.choice(self.templates), "")
-        caption = process_caption(item.caption, s.shuffle_caption, s.keep_tokens, s.caption_separator, rng)
+        caption = caption_text(item.caption, item.subset, rng, step, max_steps)
         if self.mode == "caption":
             return caption
         return self._fill(rng.choice(self.templates), caption)
 
     def fixed(self, item) -> str:
-        """Deterministic prompt for the validation batch: first template line, unshuffled caption."""
+        """Deterministic prompt for the validation batch: first template line, the caption's first
+        line with prefix and suffix, unshuffled, nothing dropped."""
+        caption = caption_text(item.caption, item.subset, augment=False)
         if self.mode == "caption":
-            return item.caption
-        return self._fill(self.templates[0], item.caption)
+            return caption
+        return self._fill(self.templates[0], caption)
 
     fixed_prompt = fixed

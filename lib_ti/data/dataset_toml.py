@@ -9,19 +9,27 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from lib_ti.config_compat import REFUSED_WHEN_ON
 from lib_ti.data.spec import SUBSET_OPTIONS, DataError, DatasetSpec, SubsetSpec
 
 DATASET_KEYS = ("resolution", "batch_size", "enable_bucket", "min_bucket_reso", "max_bucket_reso",
-                "bucket_reso_steps", "bucket_no_upscale")
+                "bucket_reso_steps", "bucket_no_upscale", "center_crop")
+# kohya keys this trainer does not use: accepted (as a copied kohya TOML has them) with the reason
+# in config_compat; those whose effect is missing are refused there when switched on.
+EXPLAINED = ("cache_info", "network_multiplier", "color_aug", "face_crop_aug_range")
 DEFAULTABLE = tuple(k for k in SUBSET_OPTIONS)  # any subset option may be set higher up
 ALLOWED = {
     "top level": ("general", "datasets"),
-    "[general]": DATASET_KEYS + DEFAULTABLE,
-    "[[datasets]]": DATASET_KEYS + DEFAULTABLE + ("subsets",),
-    "[[datasets.subsets]]": ("image_dir",) + SUBSET_OPTIONS,
+    "[general]": DATASET_KEYS + DEFAULTABLE + EXPLAINED,
+    "[[datasets]]": DATASET_KEYS + DEFAULTABLE + EXPLAINED + ("subsets",),
+    "[[datasets.subsets]]": ("image_dir",) + SUBSET_OPTIONS + EXPLAINED,
 }
-_BOOL = {"enable_bucket", "bucket_no_upscale", "shuffle_caption", "flip_aug", "random_crop", "is_reg"}
-_STR = {"caption_extension", "caption_separator", "class_tokens", "image_dir"}
+_BOOL = {"enable_bucket", "bucket_no_upscale", "shuffle_caption", "flip_aug", "random_crop", "is_reg", "center_crop",
+         "enable_wildcard", "cache_info", "color_aug"}
+_STR = {"caption_extension", "caption_separator", "class_tokens", "image_dir", "keep_tokens_separator",
+        "secondary_separator", "caption_prefix", "caption_suffix"}
+_FLOAT = {"caption_dropout_rate": (0.0, 1.0), "caption_tag_dropout_rate": (0.0, 1.0),
+          "token_warmup_step": (0.0, None), "network_multiplier": (None, None)}
 _MIN = {"batch_size": 1, "min_bucket_reso": 1, "max_bucket_reso": 1, "bucket_reso_steps": 1,
         "num_repeats": 1, "keep_tokens": 0}
 
@@ -55,7 +63,12 @@ def _check_table(table: Any, name: str, n: int | None, path: str) -> dict[str, A
         if key in ("general", "datasets", "subsets"):
             out[key] = v
             continue
-        out[key] = _check_value(key, v, _where(name, n, path))
+        v = _check_value(key, v, _where(name, n, path))
+        if key in EXPLAINED:
+            if key in REFUSED_WHEN_ON and v:
+                raise DataError(f"'{key}' in {_where(name, n, path)}: {REFUSED_WHEN_ON[key]}")
+            continue  # explained in the README; nothing to pass on
+        out[key] = v
     return out
 
 
@@ -79,6 +92,16 @@ def _check_value(key: str, v: Any, where: str) -> Any:
         if not isinstance(v, str):
             raise bad("a string")
         return v
+    if key in _FLOAT:
+        lo, hi = _FLOAT[key]
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or (lo is not None and v < lo) or (
+                hi is not None and v > hi):
+            raise bad("a number" + (f" in {lo}..{hi}" if hi is not None else f" >= {lo}" if lo is not None else ""))
+        return float(v)
+    if key == "face_crop_aug_range":
+        if not (isinstance(v, list) and len(v) == 2 and all(isinstance(x, (int, float)) for x in v)):
+            raise bad("[low, high]")
+        return tuple(v)
     if not isinstance(v, int) or isinstance(v, bool):
         raise bad("an integer")
     if v < _MIN.get(key, 0):

@@ -46,14 +46,13 @@ def caption_path(image: Path, extension: str) -> Path:
 
 def read_caption(image: Path, subset: SubsetSpec) -> str:
     """kohya: the first line of `<stem><caption_extension>`, stripped (we skip leading blank
-    lines); without a file, the subset's class_tokens; else ""."""
+    lines), or with enable_wildcard every non-empty line (one is picked per step); without a
+    file, the subset's class_tokens; else ""."""
     p = caption_path(image, subset.caption_extension)
     if p.is_file():
         # utf-8-sig: Windows editors often write a BOM that would otherwise glue onto the first tag
-        for line in p.read_text(encoding="utf-8-sig").splitlines():
-            if line.strip():
-                return line.strip()
-        return ""
+        lines = [ln.strip() for ln in p.read_text(encoding="utf-8-sig").splitlines() if ln.strip()]
+        return "\n".join(lines) if subset.enable_wildcard else (lines[0] if lines else "")
     return subset.class_tokens or ""
 
 

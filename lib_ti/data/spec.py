@@ -31,6 +31,17 @@ class SubsetSpec:
     flip_aug: bool = False
     random_crop: bool = False
     class_tokens: str | None = None  # caption for images without a caption file (kohya)
+    # kohya caption augmentation (captions.caption_text applies them in kohya's order)
+    keep_tokens_separator: str = ""
+    secondary_separator: str = ""
+    caption_prefix: str = ""
+    caption_suffix: str = ""
+    enable_wildcard: bool = False
+    caption_dropout_rate: float = 0.0
+    caption_dropout_every_n_epochs: int = 0
+    caption_tag_dropout_rate: float = 0.0
+    token_warmup_min: int = 1
+    token_warmup_step: float = 0.0
 
 
 @dataclass
@@ -43,6 +54,7 @@ class DatasetSpec:
     bucket_reso_steps: int = 64
     bucket_no_upscale: bool = False
     batch_size: int = 1
+    center_crop: bool = True  # False: squash each image to its bucket (InvokeAI/diffusers without center_crop)
 
 
 SUBSET_OPTIONS = tuple(f for f in SubsetSpec.__dataclass_fields__ if f != "image_dir")

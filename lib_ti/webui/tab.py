@@ -106,7 +106,11 @@ def build_contents(txt2img: list) -> TabUI:
                     label="A1111 template", elem_id=elem_id("template_file"), visible=False,
                     info="used with 'A1111 template file': a built-in name or a template file path [template_file]")
             _row("shuffle_caption", "keep_tokens", "caption_separator", ui=ui)
-            _row("resolution", "flip_aug", ui=ui)
+            with gr.Accordion("More caption options (kohya)", open=False):
+                _row("caption_prefix", "caption_suffix", "keep_tokens_separator", "secondary_separator", ui=ui)
+                _row("caption_dropout_rate", "caption_dropout_every_n_epochs", "caption_tag_dropout_rate", ui=ui)
+                _row("enable_wildcard", "token_warmup_min", "token_warmup_step", ui=ui)
+            _row("resolution", "flip_aug", "center_crop", ui=ui)
             with gr.Accordion("Buckets", open=False):
                 _row("enable_bucket", "bucket_no_upscale", ui=ui)
                 _row("min_bucket_reso", "max_bucket_reso", "bucket_reso_steps", ui=ui)

@@ -19,7 +19,8 @@ from lib_ti.webui import settings
 PREFIX = "ti_trainer_"
 # Decided by the WebUI: the loaded checkpoint is the model, the host's folders are the output,
 # and the WebUI always writes safetensors (newer torch's .pt is refused by A1111's unpickler).
-UI_FIXED = ("pretrained_model_name_or_path", "device", "v2", "output_dir", "save_model_as")
+UI_FIXED = ("pretrained_model_name_or_path", "device", "v2", "output_dir", "save_model_as",
+            "debug_dataset")  # the tab's Dataset preview is its debug_dataset
 
 LABELS = {
     # token
@@ -36,7 +37,12 @@ LABELS = {
     "max_bucket_reso": "Max bucket side", "bucket_reso_steps": "Bucket side step",
     "bucket_no_upscale": "Never upscale into a bucket", "reg_data_dir": "Regularization directory",
     "prior_loss_weight": "Regularization loss weight", "dataset_config": "Dataset TOML",
-    "random_crop": "Random crop", "cache_latents": "Cache latents",
+    "random_crop": "Random crop", "cache_latents": "Cache latents", "center_crop": "Center crop",
+    "caption_prefix": "Caption prefix", "caption_suffix": "Caption suffix",
+    "keep_tokens_separator": "Keep-tags separator", "secondary_separator": "Secondary separator",
+    "caption_dropout_rate": "Caption dropout rate", "caption_dropout_every_n_epochs": "Caption dropout every N epochs",
+    "caption_tag_dropout_rate": "Tag dropout rate", "enable_wildcard": "Wildcards in captions",
+    "token_warmup_min": "Token warmup: first tags", "token_warmup_step": "Token warmup: steps",
     "cache_latents_to_disk": "Cache latents to disk", "vae_batch_size": "VAE batch size",
     # training
     "learning_rate": "Learning rate", "max_train_steps": "Max steps", "max_train_epochs": "Max epochs",
@@ -140,6 +146,7 @@ def to_config_values(values: dict[str, Any], embeddings_dir: str | None) -> dict
     elif not os.path.isabs(weights) and embeddings_dir:
         out["weights"] = os.path.join(embeddings_dir, weights)
     for k, v in list(out.items()):
-        if isinstance(v, str) and k not in ("caption_separator", "sample_prompts"):
+        if isinstance(v, str) and k not in ("caption_separator", "keep_tokens_separator", "secondary_separator",
+                                            "sample_prompts"):
             out[k] = v.strip()  # a pasted path or token with a trailing space is not a different value
     return out

@@ -1,0 +1,49 @@
+"""kohya's `debug_dataset` for the CLI: what training would see, without loading the model.
+
+kohya shows each image and its token ids and waits for a key; here every image is listed with its
+size, bucket, crop, repeats and a few of the prompts it will be trained with (caption processing,
+templates and dropout included), and the command exits. The token ids need the model's tokenizer:
+the tab's Dataset preview shows them.
+"""
+
+from __future__ import annotations
+
+import random
+
+from lib_ti import data
+from lib_ti.config import TrainConfig
+from lib_ti.prepare import PrepareError, dataset_spec, prompt_mode
+
+SAMPLES = 3  # prompts shown per image: enough to see shuffling, dropout and templates vary
+
+
+def debug_dataset(cfg: TrainConfig, samples: int = SAMPLES) -> str:
+    try:
+        spec = dataset_spec(cfg)
+        scan = data.scan(spec)
+        templates = data.load_template(cfg.template_file) if cfg.template_file else None
+        prompts = data.PromptBuilder(cfg.token_string, prompt_mode(cfg), templates)
+    except (OSError, data.DataError) as e:
+        raise PrepareError("train_data_dir", str(e)) from None
+    rng = random.Random(cfg.seed if cfg.seed >= 0 else 0)
+    lines = [f"debug_dataset: {len(scan.items)} images, resolution {spec.resolution[1]}x{spec.resolution[0]}, "
+             f"{'buckets' if spec.enable_bucket else 'one size'}, "
+             f"{'center crop' if spec.center_crop else 'squashed'}, prompts from {prompts.mode}"]
+    for it in scan.items:
+        s = it.subset
+        kind = "reg" if s.is_reg else "train"
+        lines.append(f"{it.path}  {it.size[0]}x{it.size[1]} -> {it.resized[0]}x{it.resized[1]}, bucket "
+                     f"{it.bucket[0]}x{it.bucket[1]}, {kind}, repeats {s.num_repeats}"
+                     + (", flip" if s.flip_aug or cfg.flip_aug else ""))
+        lines.append(f"  caption: {it.caption!r}")
+        for n in range(samples):
+            lines.append(f"  prompt {n + 1}: {prompts.build(it, rng, epoch=1, step=0, max_steps=cfg.max_train_steps)!r}")
+    lines.append(f"fixed validation prompt of the first image: {prompts.fixed(scan.items[0])!r}")
+    train = [it for it in scan.items if not it.subset.is_reg]
+    if prompts.uses_captions:
+        missing = data.captions_missing_token(train, cfg.token_string)
+        lines.append(f"{len(train) - len(missing)} of {len(train)} training captions name '{cfg.token_string}'")
+    for path, why in scan.skipped:
+        lines.append(f"skipped {path}: {why}")
+    lines.append("nothing was trained (debug_dataset)")
+    return "\n".join(lines)
