@@ -49,7 +49,7 @@ OPTIMIZER_ALIASES = {
 @dataclass(frozen=True)
 class TrainConfig:
     # --- model and output (CLI: model folder; WebUI: the loaded checkpoint) ---
-    pretrained_model_name_or_path: str = _opt("", "local diffusers model folder (CLI only)")
+    pretrained_model_name_or_path: str = _opt("", "checkpoint file (.safetensors/.ckpt) or diffusers folder (CLI only)")
     v2: bool = _opt(False, "kohya flag; the family is detected from the model")
     v_parameterization: bool = _opt(False, "force v-prediction targets (SD2-768-v style models)")
     output_dir: str = _opt("", "where the embedding and its checkpoints go")

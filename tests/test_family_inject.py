@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-
 import pytest
 import torch
 
@@ -40,15 +38,68 @@ def test_rows_replace_every_occurrence_case_insensitively(prompts):
     assert all(s == -1 for s in prompts.row("mytok 12", TOKEN, 3).slot)
 
 
-def test_batch_pads_and_truncates_with_one_warning(prompts, caplog):
+def test_long_prompts_are_cut_into_75_token_chunks(prompts):
+    """A1111's tokenize_line: 75 tokens a chunk, each with its own BOS/EOS."""
+    cat, dog, comma = prompts.ids("cat")[0], prompts.ids("dog")[0], prompts.ids(",")[0]
+    row = prompts.row(f"{TOKEN} " + " ".join(["cat"] * 80), TOKEN, 2)
+    assert [c.ids for c in row.chunks] == [(49406, 0, 0, *[cat] * 73, 49407), (49406, *[cat] * 7, 49407)]
+    assert row.chunks[0].slot[:4] == (-1, 0, 1, -1) and set(row.chunks[1].slot) == {-1}
+    # past position 75 the name still becomes slots, in the second chunk
+    late = prompts.row(" ".join(["cat"] * 80) + f" {TOKEN}", TOKEN, 2)
+    assert late.chunks[1].slot == (-1, *[-1] * 5, 0, 1, -1)
+    # a full chunk breaks after a comma within the last 20 tokens; the rest moves on
+    commas = prompts.row(" ".join(["cat"] * 70) + ", " + " ".join(["dog"] * 10), TOKEN, 2)
+    assert [c.ids[1:-1] for c in commas.chunks] == [(*[cat] * 70, comma), (dog,) * 10]
+    # vectors are never split between chunks: 74 + 3 does not fit, so all 3 go to the next chunk
+    split = prompts.row(" ".join(["cat"] * 74) + f" {TOKEN}", TOKEN, 3)
+    assert [len(c.ids) for c in split.chunks] == [76, 5] and split.chunks[1].slot == (-1, 0, 1, 2, -1)
+    # 75 vectors after any other word: a chunk of their own (issue 13 item 8)
+    most = prompts.row(f"a photo of {TOKEN}", TOKEN, 75)
+    assert [c.slot[1:-1] for c in most.chunks] == [(-1, -1, -1), tuple(range(75))]
+    assert prompts.row("", TOKEN, 1).chunks == (inject.Chunk((49406, 49407), (-1, -1)),)
+
+
+def test_batch_pads_chunks_to_the_longest_prompt(prompts):
     long = " ".join(["cat"] * 80)
-    with caplog.at_level(logging.WARNING, logger="lib_ti"):
-        b = prompts.batch([f"{TOKEN} " + long, "a cat", long], TOKEN, 2, pad_id=0)
-    assert b.ids.shape == b.slot.shape == (3, 77)
+    b = prompts.batch([f"{TOKEN} " + long, "a cat", long], TOKEN, 2, pad_id=0)
+    assert b.chunks == 2 and b.ids.shape == b.slot.shape == (6, 77)
     assert b.ids[0, 0] == 49406 and b.ids[0, 76] == 49407 and b.slot[0, 1:3].tolist() == [0, 1]
-    assert b.ids[1, :4].tolist() == [49406, 320, 2368, 49407] and (b.ids[1, 4:] == 0).all()
+    assert b.ids[2, :4].tolist() == [49406, 320, 2368, 49407] and (b.ids[2, 4:] == 0).all()
+    assert b.ids[3, :2].tolist() == [49406, 49407] and (b.ids[3, 2:] == 0).all()  # the short prompt's empty chunk
     assert b.has_slots and not prompts.batch(["a cat"], TOKEN, 2, 0).has_slots
-    assert sum("truncated" in r.message for r in caplog.records) == 1
+    states = torch.arange(6.0).reshape(6, 1, 1).expand(6, 77, 1)
+    assert b.join(states).shape == (3, 154, 1) and b.join(states)[1, 77:, 0].eq(3).all()
+    assert b.first(torch.arange(6.0)[:, None]).flatten().tolist() == [0, 2, 4]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_long_prompt_is_the_chunks_encoded_apart(family, request):
+    """Conditioning of a two-chunk prompt = each chunk's own encoding, joined (pooled: the first's)."""
+    model = request.getfixturevalue(family)
+    vec = vectors_for(model)
+    first, second = " ".join(["cat"] * 70) + f" {TOKEN} dog dog", f"{TOKEN} on a hill"  # 74 + 2 > 75
+    with torch.no_grad():
+        whole = model.encode_prompts([f"{first} {second}"], TOKEN, vec)
+        a, b = model.encode_prompts([first], TOKEN, vec), model.encode_prompts([second], TOKEN, vec)
+    if family == "tiny_sdxl":
+        assert whole.crossattn.shape[1] == 154
+        torch.testing.assert_close(whole.crossattn, torch.cat([a.crossattn, b.crossattn], 1))
+        torch.testing.assert_close(whole.pooled, a.pooled)  # batch sizes differ: float noise only
+    else:
+        assert whole.shape[1] == 154
+        torch.testing.assert_close(whole, torch.cat([a, b], 1))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_token_past_75_gets_gradients(family, request):
+    model = request.getfixturevalue(family)
+    vec = vectors_for(model)
+    text = " ".join(["cat"] * 80) + f" {TOKEN}"
+    assert len(model.tokenize(text)) > 75
+    with model.training():
+        cond = model.encode_prompts([text, "a cat"], TOKEN, vec)
+        model.predict(torch.randn(2, 4, 8, 8), torch.tensor([10, 700]), cond).square().mean().backward()
+    assert all(v.grad is not None and v.grad.abs().sum() > 0 for v in vec.values())
 
 
 def test_prompts_are_tokenized_once(prompts, monkeypatch):

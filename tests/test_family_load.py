@@ -50,8 +50,10 @@ def test_not_a_diffusers_folder(tmp_path, tiny_sd1_dir):
         load_diffusers_model(tmp_path)
     ckpt = tmp_path / "model.safetensors"
     ckpt.write_bytes(b"")
-    with pytest.raises(ModelFolderError, match="converted"):
+    with pytest.raises(ModelFolderError, match="checkpoint file"):
         detect_family(ckpt)
+    with pytest.raises(ModelFolderError, match="cannot read .* as safetensors"):
+        load_diffusers_model(ckpt)  # a file goes to the single-file loader
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "Whatever", "unet": [None, None]}))
     with pytest.raises(ModelFolderError, match="not a Stable Diffusion"):
         detect_family(tmp_path)

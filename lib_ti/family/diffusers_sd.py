@@ -8,7 +8,7 @@ import hashlib
 import json
 import logging
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from diffusers import DDPMScheduler
@@ -38,6 +38,7 @@ class DiffusersModel(TrainableModel):
         self.prompts = inject.PromptTokenizer(tokenizer)
         self._cache_key: str | None = None
         self.source = ""  # the folder it was loaded from, if any
+        self.vae_decoder_loader: Callable[[], None] | None = None  # single files load the decoder on demand
 
     # -- overridden per family --------------------------------------------------------------------
     @property
@@ -96,6 +97,12 @@ class DiffusersModel(TrainableModel):
         # Any diffusers scheduler config (PNDM, Euler, ...) gives the training schedule through DDPM.
         sched = DDPMScheduler.from_config(self.scheduler.config)
         return sched.alphas_cumprod.to(torch.float32).cpu().clone()
+
+    def ensure_vae_decoder(self) -> None:
+        """The VAE decoder, for previews (a single-file model loads it on first use)."""
+        if self.vae_decoder_loader is not None:
+            self.vae_decoder_loader()
+            self.vae_decoder_loader = None
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -190,8 +197,8 @@ class DiffusersSD(DiffusersModel):
         vec = vectors[SINGLE_SLOT]
         if self.clip_skip > 1:
             out = inject.encode(te, batch, vec, output_hidden_states=True)
-            return te.text_model.final_layer_norm(out.hidden_states[-self.clip_skip])
-        return inject.encode(te, batch, vec)[0]
+            return batch.join(te.text_model.final_layer_norm(out.hidden_states[-self.clip_skip]))
+        return batch.join(inject.encode(te, batch, vec)[0])
 
     def predict(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         out = self.unet(noisy_latents.to(self.dtype), timesteps, encoder_hidden_states=cond.to(self.dtype)).sample

@@ -22,7 +22,7 @@ CLIP_L, CLIP_G = SDXL_SLOTS
 
 @dataclass
 class SDXLCond:
-    crossattn: torch.Tensor  # [B, 77, 768 + 1280]
+    crossattn: torch.Tensor  # [B, K*77, 768 + 1280] for prompts of K chunks
     pooled: torch.Tensor  # [B, 1280]
     sizes: list[SizeCond | None] | None  # None entries: taken from the latent size in predict
 
@@ -49,11 +49,11 @@ class DiffusersSDXL(DiffusersModel):
         outs = {}
         for slot, te, tok in ((CLIP_L, self.text_encoder, self.tokenizer),
                               (CLIP_G, self.text_encoder_2, self.tokenizer_2)):
-            # same slot positions in both encoders; only the padding id differs
+            # same slot positions (and chunks) in both encoders; only the padding id differs
             batch = self.prompts.batch(texts, token, n, int(tok.pad_token_id), te.device)
             outs[slot] = inject.encode(te, batch, vectors[slot], output_hidden_states=True)
-        crossattn = torch.cat([outs[s].hidden_states[-2].to(self.dtype) for s in SDXL_SLOTS], dim=-1)
-        pooled = outs[CLIP_G].text_embeds  # projection of the final-norm EOS state
+        crossattn = torch.cat([batch.join(outs[s].hidden_states[-2].to(self.dtype)) for s in SDXL_SLOTS], dim=-1)
+        pooled = batch.first(outs[CLIP_G].text_embeds)  # the first chunk's, as A1111 takes it
         return SDXLCond(crossattn, pooled, list(sizes) if sizes is not None else None)
 
     def time_ids(self, sizes: list[SizeCond | None] | None, batch: int, latent_hw: tuple[int, int]) -> torch.Tensor:

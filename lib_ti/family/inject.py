@@ -2,42 +2,72 @@
 
 The same mechanism A1111 uses (sd_hijack_clip + EmbeddingsWithFixes): the embedding name is
 found in the prompt as a BPE id sequence, replaced by N placeholder positions (id 0), and the
-token-embedding layer's output at those positions is overwritten with the vectors. Shared by all
-diffusers families; SDXL runs both encoders over the same slot positions.
+token-embedding layer's output at those positions is overwritten with the vectors. Prompts are
+cut into chunks of 75 tokens, each encoded as its own 77-token sequence and the results joined,
+so a token anywhere in a long caption trains. Shared by all diffusers families; SDXL runs both
+encoders over the same slot positions.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
-log = logging.getLogger("lib_ti")
-
 PLACEHOLDER_ID = 0  # A1111 writes 0 where embedding vectors go; the value is never looked at
 _CACHE_SIZE = 8192
 
 
+CHUNK = 75  # tokens a chunk holds between BOS and EOS; longer prompts get more chunks (A1111)
+COMMA_BACKTRACK = 20  # A1111's comma_padding_backtrack default: a full chunk breaks after a recent comma
+_COMMA = ","
+
+
 @dataclass(frozen=True)
-class Row:
-    """One prompt, tokenized: ids with BOS/EOS (not padded), and per position the index of the
-    vector spliced there or -1."""
+class Chunk:
+    """One 77-token encoder input: ids with BOS/EOS (not padded), and per position the index of
+    the vector spliced there or -1."""
 
     ids: tuple[int, ...]
     slot: tuple[int, ...]
 
 
+@dataclass(frozen=True)
+class Row:
+    """One prompt, tokenized into chunks of at most 75 tokens, as A1111 encodes it."""
+
+    chunks: tuple[Chunk, ...]
+
+    @property
+    def ids(self) -> tuple[int, ...]:
+        return tuple(i for c in self.chunks for i in c.ids)
+
+    @property
+    def slot(self) -> tuple[int, ...]:
+        return tuple(s for c in self.chunks for s in c.slot)
+
+
 @dataclass
 class Batch:
-    """Tensors for one encode: ids [B, L] padded with the encoder's pad id, slot [B, L] (-1 = none)."""
+    """Tensors for one encode: ids [B*K, 77] padded with the encoder's pad id, slot [B*K, 77]
+    (-1 = none); rows b*K .. b*K+K-1 are prompt b's K chunks (shorter prompts get empty chunks)."""
 
     ids: torch.Tensor
     slot: torch.Tensor
     has_slots: bool  # known on the CPU, so checking it never waits for the device
+    chunks: int = 1
+
+    def join(self, states: torch.Tensor) -> torch.Tensor:
+        """Encoder output [B*K, 77, W] -> conditioning [B, K*77, W] (A1111 concatenates chunks)."""
+        n, length = states.shape[:2]
+        return states.reshape(n // self.chunks, self.chunks * length, *states.shape[2:])
+
+    def first(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Per-chunk vectors [B*K, P] -> the first chunk's [B, P] (A1111's pooled output for SDXL)."""
+        return pooled.reshape(-1, self.chunks, *pooled.shape[1:])[:, 0]
 
 
 class PromptTokenizer:
@@ -49,15 +79,15 @@ class PromptTokenizer:
         self.max_length = max_length
         self.bos = int(tokenizer.bos_token_id)
         self.eos = int(tokenizer.eos_token_id)
+        self.comma = int(tokenizer.convert_tokens_to_ids(_COMMA + "</w>"))
         self._ids: OrderedDict[str, tuple[int, ...]] = OrderedDict()
         self._rows: OrderedDict[tuple[str, tuple[int, ...], int], Row] = OrderedDict()
-        self._warned = False
 
     def ids(self, text: str) -> tuple[int, ...]:
         """BPE ids of `text` without BOS/EOS (cached)."""
         got = self._ids.get(text)
         if got is None:
-            got = tuple(self.tokenizer(text, add_special_tokens=False, truncation=False).input_ids)
+            got = tuple(self.tokenizer(text, add_special_tokens=False, truncation=False, verbose=False).input_ids)
             _remember(self._ids, text, got)
         return got
 
@@ -71,36 +101,62 @@ class PromptTokenizer:
         return got
 
     def _build(self, text: str, name: tuple[int, ...], n: int) -> Row:
-        ids, slot = [], []
+        """A1111's tokenize_line: left to right, name matches do not overlap; a chunk is closed
+        when full (after a comma within the last 20 tokens, if there is one) or when the vectors
+        would not fit, so the N vectors always sit together in one chunk (N <= 75)."""
+        chunks: list[Chunk] = []
+        ids: list[int] = []
+        slot: list[int] = []
+        last_comma = -1
+
+        def close() -> None:
+            nonlocal last_comma
+            chunks.append(Chunk((self.bos, *ids, self.eos), (-1, *slot, -1)))
+            ids.clear()
+            slot.clear()
+            last_comma = -1
+
         toks, i, k = self.ids(text), 0, len(name)
-        while i < len(toks):  # left to right, matches do not overlap (A1111's walk)
+        room = self.max_length - 2
+        while i < len(toks):
+            tok = toks[i]
+            if tok == self.comma:
+                last_comma = len(ids)
+            elif len(ids) == room and last_comma != -1 and len(ids) - last_comma <= COMMA_BACKTRACK:
+                cut = last_comma + 1
+                moved = ids[cut:], slot[cut:]
+                del ids[cut:], slot[cut:]
+                close()
+                ids[:], slot[:] = moved
+            if len(ids) == room:
+                close()
             if k and toks[i : i + k] == name:
+                if len(ids) + n > room:
+                    close()
                 ids += [PLACEHOLDER_ID] * n
                 slot += range(n)
                 i += k
             else:
-                ids.append(toks[i])
+                ids.append(tok)
                 slot.append(-1)
                 i += 1
-        room = self.max_length - 2
-        if len(ids) > room:
-            if not self._warned:
-                self._warned = True
-                log.warning("a prompt is longer than %d tokens and was truncated (only the first chunk of "
-                            "77 is trained): %r", room, text[:200])
-            ids, slot = ids[:room], slot[:room]
-        return Row((self.bos, *ids, self.eos), (-1, *slot, -1))
+        if ids or not chunks:
+            close()
+        return Row(tuple(chunks))
 
     def batch(self, texts: list[str], token: str, n_vectors: int, pad_id: int,
               device: torch.device | str = "cpu") -> Batch:
         rows = [self.row(t, token, n_vectors) for t in texts]
-        ids = torch.full((len(rows), self.max_length), pad_id, dtype=torch.long)
-        slot = torch.full((len(rows), self.max_length), -1, dtype=torch.long)
+        k = max(len(r.chunks) for r in rows)
+        empty = Chunk((self.bos, self.eos), (-1, -1))  # A1111 fills shorter prompts up with empty chunks
+        ids = torch.full((len(rows) * k, self.max_length), pad_id, dtype=torch.long)
+        slot = torch.full((len(rows) * k, self.max_length), -1, dtype=torch.long)
         for b, r in enumerate(rows):
-            ids[b, : len(r.ids)] = torch.tensor(r.ids)
-            slot[b, : len(r.slot)] = torch.tensor(r.slot)
+            for c, ch in enumerate(r.chunks + (empty,) * (k - len(r.chunks))):
+                ids[b * k + c, : len(ch.ids)] = torch.tensor(ch.ids)
+                slot[b * k + c, : len(ch.slot)] = torch.tensor(ch.slot)
         has = any(s >= 0 for r in rows for s in r.slot)
-        return Batch(ids.to(device), slot.to(device), has)
+        return Batch(ids.to(device), slot.to(device), has, k)
 
 
 def _remember(cache: OrderedDict, key, value) -> None:

@@ -1,6 +1,7 @@
-"""Open a local diffusers-format folder (model_index.json) as a TrainableModel. Never downloads.
+"""Open a local model as a TrainableModel: a diffusers-format folder (model_index.json) or an
+A1111-style single-file checkpoint (single_file.py). Never downloads: a model id is refused.
 
-Family rule, from the folder's own files, in this order:
+Family rule for folders, from the folder's own files, in this order:
   1. `text_encoder_2` in model_index.json -> sdxl (the base model; a refiner, which has only
      text_encoder_2, is refused: A1111 cannot use embeddings on it either);
   2. text_encoder/config.json with `hidden_act == "gelu"` or `hidden_size == 1024` -> sd2
@@ -21,12 +22,16 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from lib_ti.family import single_file
 from lib_ti.family.diffusers_sd import DiffusersModel, DiffusersSD
 from lib_ti.family.diffusers_sdxl import DiffusersSDXL
+from lib_ti.family.single_file_configs import CheckpointError
+
+# A model path that cannot be used, folder or file: a PrepareError on pretrained_model_name_or_path (CLI exit 2).
+ModelFolderError = CheckpointError
 
 
-class ModelFolderError(ValueError):
-    pass
+WHAT_TO_PASS = "a local diffusers folder (with model_index.json) or a .safetensors/.ckpt checkpoint file"
 
 
 def _read_json(path: Path) -> dict:
@@ -45,8 +50,7 @@ def detect_family(folder: str | os.PathLike) -> str:
     """'sd1' | 'sd2' | 'sdxl' for a diffusers folder, by the rule in the module docstring."""
     folder = Path(folder)
     if not (folder / "model_index.json").is_file():
-        hint = " (a single .safetensors/.ckpt checkpoint must be converted to diffusers format first)" \
-            if folder.is_file() else ""
+        hint = " (a checkpoint file: load it with load_diffusers_model)" if folder.is_file() else ""
         raise ModelFolderError(f"'{folder}' is not a diffusers model folder: no model_index.json{hint}")
     index = _read_json(folder / "model_index.json")
     missing = [n for n in ("unet", "vae", "scheduler") if not _present(index, n)]
@@ -62,6 +66,15 @@ def detect_family(folder: str | os.PathLike) -> str:
     if cfg.get("hidden_act") == "gelu" or cfg.get("hidden_size") == 1024:
         return "sd2"
     return "sd1"
+
+
+def _not_found(name: str) -> str:
+    looks_like_id = name.count("/") == 1 and not name.startswith((".", "/", "~")) and ":" not in name
+    if looks_like_id:
+        return (f"'{name}' is not a local path; it looks like a Hugging Face model id, and nothing is downloaded "
+                f"here. Pass {WHAT_TO_PASS} (e.g. `huggingface-cli download {name} --local-dir DIR` first, "
+                "or the .safetensors your WebUI loads)")
+    return f"'{name}' does not exist; pass {WHAT_TO_PASS} (nothing is downloaded)"
 
 
 def _variant(sub: Path) -> str | None:
@@ -80,11 +93,32 @@ def wrap(family: str, parts: dict, clip_skip: int = 1, prediction_type: str | No
                        parts["scheduler"], prediction_type, clip_skip)
 
 
+def check_model_path(path: str | os.PathLike) -> str:
+    """The family of the model at `path`, found cheaply (folder: its json files; .safetensors: its
+    header and .yaml), before anything is loaded; raises ModelFolderError as loading would. A .ckpt
+    is only checked for existence here: reading its keys means unpickling all of it."""
+    p = Path(path)
+    if p.is_file():
+        if p.suffix.lower() not in single_file.CHECKPOINT_SUFFIXES:
+            raise ModelFolderError(f"'{p}' is not a model: pass {WHAT_TO_PASS}")
+        return single_file.describe_file(p)
+    if not p.exists():
+        raise ModelFolderError(_not_found(str(p)))
+    return detect_family(p)
+
+
 def load_diffusers_model(folder: str | os.PathLike, device: str | torch.device = "cpu",
                          dtype: torch.dtype = torch.float32, clip_skip: int = 1,
                          v_parameterization: bool | None = None) -> DiffusersModel:
-    """UNet and text encoders in `dtype`, VAE always fp32, all on `device`, local files only."""
+    """UNet and text encoders in `dtype`, VAE always fp32, all on `device`, local files only.
+    `folder` may also be a single-file checkpoint (the CLI's pretrained_model_name_or_path)."""
     folder = Path(folder)
+    if folder.is_file():
+        if folder.suffix.lower() not in single_file.CHECKPOINT_SUFFIXES:
+            raise ModelFolderError(f"'{folder}' is not a model: pass {WHAT_TO_PASS}")
+        return single_file.load_single_file(folder, device, dtype, clip_skip, v_parameterization)
+    if not folder.exists():
+        raise ModelFolderError(_not_found(str(folder)))
     family = detect_family(folder)
     root = str(folder)
 
@@ -115,3 +149,6 @@ def load_diffusers_model(folder: str | os.PathLike, device: str | torch.device =
     model = wrap(family, parts, clip_skip, prediction)
     model.source = str(folder.resolve())
     return model
+
+
+load_model = load_diffusers_model  # the same dispatch (folder or checkpoint file), by its plainer name

@@ -44,8 +44,13 @@ def render(model: DiffusersModel, token: str, vectors: dict[str, torch.Tensor], 
     prompt embeddings; latents decoded here in fp32, since the VAE always stays fp32."""
     dev = model.device
     vecs = {k: v.to(dev) for k, v in vectors.items()}
-    cond = model.encode_prompts([prompt], token, vecs)
-    uncond = model.encode_prompts([negative_prompt], token, vecs)
+    # encoded together, so both get the same number of 75-token chunks (the pipeline needs equal lengths)
+    both = model.encode_prompts([prompt, negative_prompt], token, vecs)
+    if model.family == "sdxl":
+        cond, uncond = (type(both)(both.crossattn[i : i + 1], both.pooled[i : i + 1], None) for i in (0, 1))
+    else:
+        cond, uncond = both[0:1], both[1:2]
+    model.ensure_vae_decoder()
     kw: dict[str, Any] = dict(num_inference_steps=steps, guidance_scale=cfg_scale, width=width, height=height,
                               generator=torch.Generator(device="cpu").manual_seed(seed), output_type="latent")
     scheduler = EulerDiscreteScheduler.from_config(model.scheduler.config)
