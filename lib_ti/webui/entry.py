@@ -31,7 +31,7 @@ def on_ui_settings() -> None:
 def on_app_started(_demo: Any, app: Any) -> None:
     from lib_ti.webui import api
 
-    api.register(app)  # only with --api or --nowebui, as the host's own /sdapi/v1 routes
+    api.register(app)
 
 
 def on_script_unloaded() -> None:
