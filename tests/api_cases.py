@@ -146,6 +146,11 @@ CASES: list[Case] = [
          ("preview", "cfg_scale")),
     Case("preview-width-text", train(preview={"width": "wide"}), 422, ("preview", "width")),
     Case("preview-not-object", train(preview=[1]), 422, ("preview",)),
+    Case("sample-prompt-options-huge", train(sample_every_n_steps=1,
+                                             sample_prompts="a photo --w 99999 --s 100000000\nok"),
+         422, ("sample_prompts",), says="line 1"),
+    Case("sample-prompt-file-options", train(sample_every_n_steps=1, sample_prompts=p("prompts.txt")), 422,
+         ("sample_prompts",), says="line 2", never=(SECRET, "77777")),
     # ---- names: a valid file name on Linux, macOS and Windows
     Case("token-300-chars", train(token_string="ab" * 150), 422, ("token_string",), says="bytes"),
     *[Case(f"output-name-{i}", train(output_name=name), 422, ("output_name",)) for i, name in enumerate(NAMES)],
@@ -214,6 +219,7 @@ def prepare_files(ctx: Ctx, width_ok: int) -> None:
                                          '[[datasets]]\n[[datasets.subsets]]\nimage_dir = "x"\n')
     (inside / "escape.toml").write_text(f'[[datasets]]\n[[datasets.subsets]]\nimage_dir = "{outside.as_posix()}"\n')
     (inside / "noimg" / "readme.txt").write_text("no images here\n")
+    (inside / "prompts.txt").write_text("a photo\na photo --h 77777\n")
     (inside / "noimg" / "broken.png").write_bytes(b"not a png at all")
     torch.save({"string_to_param": {"*": _Evil()}, "name": "evil"}, emb / "evil-ti.pt")
     save_file({"emb_params": torch.zeros(2, width_ok + 8)}, str(emb / "narrow-ti.safetensors"))

@@ -45,7 +45,7 @@ class TaskInfo(BaseModel):
     eta_s: float | None = None
     output: str | None = None
     error: str | None = None
-    recovery: str | None = None  # where a failed run kept its vectors (when the run layer reports one)
+    recovery: str | None = None  # where a failed run kept its vectors
 
 
 class InterruptResult(BaseModel):
@@ -102,7 +102,7 @@ def submit(raw: bytes) -> Any:
         raise unprocessable(errors) from None
     if errors:
         raise unprocessable(errors)
-    errors = api_checks.run_problems(cfg, values)
+    errors = {**api_checks.sample_prompt_problems(cfg), **api_checks.run_problems(cfg, values)}
     if errors:
         raise unprocessable(errors)
     with _submit_lock:  # the limit, the name check and the queueing as one step
@@ -111,7 +111,7 @@ def submit(raw: bytes) -> Any:
         if busy is not None:
             raise unprocessable({("output_name" if cfg.output_name else "token_string",): busy})
         try:
-            task = job.api_submit(values, preview)
+            task = job.api_submit(values, preview, cfg)  # the config built once
         except ConfigError as e:  # the state changed since the check above (a file appeared)
             raise unprocessable({(k,): v for k, v in e.errors.items()}) from None
     return JSONResponse(status_code=202, content={"task_id": task.id})

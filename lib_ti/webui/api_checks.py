@@ -138,6 +138,28 @@ def run_problems(cfg: TrainConfig, values: dict[str, Any]) -> dict[Loc, str]:
     return {(k,): v for k, v in found.items()}
 
 
+def sample_prompt_problems(cfg: TrainConfig) -> dict[Loc, str]:
+    """kohya's per-line preview options (--w 512 --s 30 ...) within the preview ranges, so a preview
+    cannot fail or run for hours after the 202. Names the line and the option, never the value
+    (the lines may come from a file)."""
+    from lib_ti import sample_prompts
+
+    if cfg.sample_every_n_steps <= 0 or not cfg.sample_prompts:
+        return {}
+    try:
+        lines = sample_prompts.lines(cfg.sample_prompts)
+    except (OSError, ValueError):  # unreadable: the policy check already said where it may be
+        return {("sample_prompts",): "cannot be read as a prompts file"}
+    for n, line in enumerate(lines, 1):
+        options = {k: v for k, v in sample_prompts.parse_line(line).items() if k in PREVIEW_RANGES}
+        bad = [k for k, v in options.items() if not PREVIEW_RANGES[k][0] <= v <= PREVIEW_RANGES[k][1]
+               or (k in ("width", "height") and v % 8)]
+        if bad:
+            ranges = ", ".join(f"{k} {PREVIEW_RANGES[k][0]}..{PREVIEW_RANGES[k][1]}" for k in bad)
+            return {("sample_prompts",): f"line {n}: preview options out of range ({ranges}; sizes multiples of 8)"}
+    return {}
+
+
 def _clip_skip_problem(clip_skip: int) -> dict[str, str]:
     """SD1's clip skip indexes the text encoder's hidden states: no more than it has layers."""
     from lib_ti.webui import host_model

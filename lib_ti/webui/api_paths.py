@@ -14,10 +14,12 @@ import os
 from typing import Any
 
 from lib_ti import data
+from lib_ti.config import TrainConfig
 from lib_ti.webui import host, host_model, settings
 
-# The host decides where the model comes from and where files go; a request must not.
-HOST_DECIDES = ("output_dir", "pretrained_model_name_or_path", "device")
+# The host decides where the model comes from and where files go; a request must not. (v2, a kohya
+# flag the model makes moot, is only type-checked.)
+HOST_DECIDES = tuple(f for f in TrainConfig.host_decided() if f != "v2")
 NAME_FIELDS = ("token_string", "output_name", "caption_extension")
 READ_FIELDS = ("train_data_dir", "reg_data_dir", "dataset_config", "template_file", "sample_prompts")
 PATH_FIELDS = (*NAME_FIELDS, "weights", *READ_FIELDS)
