@@ -6,6 +6,7 @@ needs it because `shared.sd_model` and friends are lazy and must not be touched 
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from contextlib import closing, contextmanager
 from typing import Any
@@ -77,6 +78,15 @@ def sampler_names() -> list[str]:
         return []
 
 
+def empty_script_runner(p: Any) -> None:
+    """reForge's process_images reads p.scripts.alwayson_scripts without checking for None (A1111
+    checks): give a script-less job an empty runner there, so no script runs, as in A1111."""
+    if getattr(p, "scripts", None) is None and importlib.util.find_spec("ldm_patched") is not None:
+        from modules import scripts
+
+        p.scripts, p.script_args = scripts.ScriptRunner(), []
+
+
 def render_preview(prompt: str, negative_prompt: str = "", steps: int = 20, sampler_name: str = "Euler a",
                    cfg_scale: float = 7.0, seed: int = -1, width: int = 512, height: int = 512) -> Any:
     """One image by the host's own txt2img with the live embedding, as the built-in trainer does.
@@ -88,6 +98,7 @@ def render_preview(prompt: str, negative_prompt: str = "", steps: int = 20, samp
         do_not_reload_embeddings=True, prompt=prompt, negative_prompt=negative_prompt, steps=int(steps),
         sampler_name=sampler_name, cfg_scale=float(cfg_scale), seed=int(seed), width=int(width), height=int(height),
     )
+    empty_script_runner(p)
     s = state()
     job_count, job_no = s.job_count, s.job_no
     with closing(p):

@@ -133,14 +133,14 @@ class Registration:
 
 def _block_classes() -> tuple[type, ...]:
     classes: list[type] = []
-    for attention, openaimodel in (("ldm.modules.attention", "ldm.modules.diffusionmodules.openaimodel"),
-                                   ("sgm.modules.attention", "sgm.modules.diffusionmodules.openaimodel")):
+    for pkg in ("ldm", "sgm", "ldm_patched.ldm"):  # ldm_patched: reForge's UNet
         try:
-            a = __import__(attention, fromlist=["BasicTransformerBlock"])
-            o = __import__(openaimodel, fromlist=["ResBlock"])
+            a = __import__(f"{pkg}.modules.attention", fromlist=["BasicTransformerBlock"])
+            o = __import__(f"{pkg}.modules.diffusionmodules.openaimodel", fromlist=["ResBlock"])
         except ImportError:
             continue
-        classes += [a.BasicTransformerBlock, o.ResBlock, o.AttentionBlock]
+        classes += [a.BasicTransformerBlock, o.ResBlock]
+        classes += [o.AttentionBlock] if hasattr(o, "AttentionBlock") else []
     return tuple(classes)
 
 
@@ -154,8 +154,9 @@ def checkpointed(unet: torch.nn.Module) -> Iterator[None]:
     patched = []
     try:
         for mod in unet.modules():
-            if isinstance(mod, classes) and "forward" not in vars(mod) and hasattr(mod, "_forward"):
-                mod.forward = _checkpointed(mod._forward)
+            if isinstance(mod, classes) and "forward" not in vars(mod):
+                # ldm_patched's transformer block has no _forward; its forward adds out of place
+                mod.forward = _checkpointed(getattr(mod, "_forward", mod.forward))
                 patched.append(mod)
         yield
     finally:

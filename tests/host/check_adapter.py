@@ -58,6 +58,10 @@ def boot(a: argparse.Namespace):
     sys.argv = ["webui.py", "--skip-prepare-environment", "--skip-torch-cuda-test", "--use-cpu", "all", "--no-half",
                 "--precision", "full", "--no-download-sd-model", "--skip-load-model-at-start", *data,
                 "--ckpt-dir", ckpts, "--ckpt", os.path.join(ckpts, f"tiny-{a.family}.safetensors"), *a.host_arg]
+    if os.path.isdir(os.path.join(host, "modules_forge")):  # reForge: its webui.py starts ldm_patched first
+        from modules_forge.initialization import initialize_forge
+
+        initialize_forge()
     from modules import initialize
 
     initialize.imports()
@@ -90,7 +94,7 @@ def main() -> int:
     from lib_ti import formats
     from lib_ti.embedding import Embedding
     from lib_ti.family.base import SizeCond
-    from lib_ti.webui import host_model
+    from lib_ti.webui import host, host_model
 
     check = Checks()
     db = sd_hijack.model_hijack.embedding_db
@@ -115,6 +119,7 @@ def main() -> int:
         p = processing.StableDiffusionProcessingTxt2Img(
             sd_model=m, prompt=prompt, negative_prompt="", steps=4, sampler_name="Euler", cfg_scale=7.0, seed=seed,
             width=64, height=64, do_not_save_grid=True, do_not_save_samples=True, do_not_reload_embeddings=True)
+        host.empty_script_runner(p)  # reForge
         try:
             res = processing.process_images(p)
             if conds is not None:
