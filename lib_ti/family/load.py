@@ -49,6 +49,9 @@ def _present(index: dict, name: str) -> bool:
 def detect_family(folder: str | os.PathLike) -> str:
     """'sd1' | 'sd2' | 'sdxl' for a diffusers folder, by the rule in the module docstring."""
     folder = Path(folder)
+    if folder.is_dir() and folder.suffix.lower() in single_file.CHECKPOINT_SUFFIXES:
+        raise ModelFolderError(f"'{folder}' is a folder named like a checkpoint file; pass the file itself "
+                               f"(or {WHAT_TO_PASS})")
     if not (folder / "model_index.json").is_file():
         hint = " (a checkpoint file: load it with load_diffusers_model)" if folder.is_file() else ""
         raise ModelFolderError(f"'{folder}' is not a diffusers model folder: no model_index.json{hint}")
@@ -69,6 +72,11 @@ def detect_family(folder: str | os.PathLike) -> str:
 
 
 def _not_found(name: str) -> str:
+    """Why `name` (as the user wrote it: Path() would turn './x/y' into 'x/y') cannot be opened."""
+    if "://" in name:
+        return f"'{name}' is a URL; nothing is downloaded here. Download the file yourself and pass {WHAT_TO_PASS}"
+    if os.path.islink(name):
+        return f"'{name}' is a symbolic link to nothing (or a loop of links); pass {WHAT_TO_PASS}"
     looks_like_id = name.count("/") == 1 and not name.startswith((".", "/", "~")) and ":" not in name
     if looks_like_id:
         return (f"'{name}' is not a local path; it looks like a Hugging Face model id, and nothing is downloaded "
@@ -103,7 +111,7 @@ def check_model_path(path: str | os.PathLike) -> str:
             raise ModelFolderError(f"'{p}' is not a model: pass {WHAT_TO_PASS}")
         return single_file.describe_file(p)
     if not p.exists():
-        raise ModelFolderError(_not_found(str(p)))
+        raise ModelFolderError(_not_found(str(path)))
     return detect_family(p)
 
 
@@ -112,13 +120,13 @@ def load_diffusers_model(folder: str | os.PathLike, device: str | torch.device =
                          v_parameterization: bool | None = None) -> DiffusersModel:
     """UNet and text encoders in `dtype`, VAE always fp32, all on `device`, local files only.
     `folder` may also be a single-file checkpoint (the CLI's pretrained_model_name_or_path)."""
-    folder = Path(folder)
+    given, folder = str(folder), Path(folder)
     if folder.is_file():
         if folder.suffix.lower() not in single_file.CHECKPOINT_SUFFIXES:
             raise ModelFolderError(f"'{folder}' is not a model: pass {WHAT_TO_PASS}")
         return single_file.load_single_file(folder, device, dtype, clip_skip, v_parameterization)
     if not folder.exists():
-        raise ModelFolderError(_not_found(str(folder)))
+        raise ModelFolderError(_not_found(given))
     family = detect_family(folder)
     root = str(folder)
 
