@@ -100,3 +100,22 @@ def test_comma_backtrack_moves_the_vectors_with_their_placeholder(prompts):
     placeholder but leaves its vectors at offset 75 of the first chunk (its `fixes` are not
     relocated), writing them over end-of-text padding: a bug this trainer does not copy."""
     assert layout(prompts, RELOCATED["comma_then_token_at_boundary"], 1) == [(71, []), (14, [4])]
+
+
+def test_sdxl_batch_of_short_and_long_prompts(tiny_sdxl):
+    """In a batch, a short prompt is padded with empty chunks (A1111's empty_chunk) and keeps its
+    own pooled output; the empty prompt is one empty chunk."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    vec = {k: torch.randn(3, w, generator=g) for k, w in tiny_sdxl.slots().items()}
+    short, long = f"a {T}", " ".join([W] * 80) + f", {T}"
+    with torch.no_grad():
+        both = tiny_sdxl.encode_prompts([short, long, ""], T, vec)
+        alone = [tiny_sdxl.encode_prompts([p], T, vec) for p in (short, long, "")]
+        empty_chunk = tiny_sdxl.encode_prompts([""], T, vec).crossattn
+    assert both.crossattn.shape[1] == 154 and [a.crossattn.shape[1] for a in alone] == [77, 154, 77]
+    for i, a in enumerate(alone):
+        torch.testing.assert_close(both.pooled[i], a.pooled[0])
+        torch.testing.assert_close(both.crossattn[i, :a.crossattn.shape[1]], a.crossattn[0])
+    torch.testing.assert_close(both.crossattn[0, 77:], empty_chunk[0])
