@@ -160,8 +160,10 @@ class TrainConfig:
         kwargs["ignored"] = ignored
         cfg = cls(**kwargs)
         # report type errors and range/consistency errors together, so a form can mark every field
+        said = {config_compat.INVOKEAI_ALIASES.get(k) for k in errors}  # a field already wrong under its alias
         for k, v in cfg.problems().items():
-            errors.setdefault(k, v)
+            if k not in said:
+                errors.setdefault(k, v)
         if errors:
             raise ConfigError(errors)
         return cfg
@@ -209,6 +211,11 @@ class TrainConfig:
                 errors[f.name] = f"{v} is out of range {_range(lo, hi)}"
         if not self.token_string.strip():
             errors["token_string"] = "is required: the word you will type in prompts"
+        elif not config_compat.SAFE_TOKEN.match(self.token_string):  # at submit, not after the model loads
+            hint = (" (write it without InvokeAI's <brackets>, or give it as placeholder_token)"
+                    if config_compat.strip_token(self.token_string) != self.token_string.strip() else "")
+            errors["token_string"] = (f"'{self.token_string}' may contain only letters, digits, '_', '-' and '.' "
+                                      f"(it is also the file name){hint}")
         try:
             parse_piecewise(self.learning_rate)
         except ValueError as e:

@@ -98,8 +98,9 @@ INVOKEAI_DEFAULTS: dict[str, Any] = {
 }
 INVOKEAI_WEIGHT_DECAY = "weight_decay=0.01"  # adam_weight_decay's default, unless the config sets one
 _ADAM = {"adam_beta1": "betas", "adam_beta2": "betas", "adam_epsilon": "eps", "adam_weight_decay": "weight_decay"}
-_SAFE = re.compile(r"^[A-Za-z0-9_.\-]+$")
-_CKPT = re.compile(r"^(?:(?P<name>.+)-|learned_embeds-steps-)(?P<step>\d+)\.(?:safetensors|pt|bin)$")
+SAFE_TOKEN = re.compile(r"^[A-Za-z0-9_.\-]+$")  # the token is also a file name (tokens.py)
+# InvokeAI's name first: `.+-` would also match it, as a run named "learned_embeds-steps"
+_CKPT = re.compile(r"^(?:learned_embeds-steps-|(?P<name>.+)-)(?P<step>\d+)\.(?:safetensors|pt|bin)$")
 
 
 def _on(v: Any) -> bool:
@@ -149,7 +150,7 @@ def translate(values: dict[str, Any], fields: set[str]) -> tuple[dict[str, Any],
             field = INVOKEAI_ALIASES[key]
             if field == "token_string":
                 value = strip_token(value)
-                if not _SAFE.match(value):
+                if not SAFE_TOKEN.match(value):
                     errors[key] = (f"'{values[key]}': the trigger may contain only letters, digits, '_', '-' and "
                                    "'.' inside its <brackets> (it is also the file name)")
                 else:
@@ -167,7 +168,7 @@ def translate(values: dict[str, Any], fields: set[str]) -> tuple[dict[str, Any],
             pass  # below
         else:
             out[key] = value  # unknown: the caller says so, with a suggestion
-    _steps(values, out, notes, put)
+    _steps(values, out, notes, put, errors)
     _adam(values, out, notes, errors)
     if dialect(values) == "invokeai":
         _invokeai_defaults(values, out, notes)
@@ -177,18 +178,32 @@ def translate(values: dict[str, Any], fields: set[str]) -> tuple[dict[str, Any],
     return out, notes, errors
 
 
-def _steps(values: dict[str, Any], out: dict[str, Any], notes: dict[str, str], put: Any) -> None:
+def _steps(values: dict[str, Any], out: dict[str, Any], notes: dict[str, str], put: Any,
+           errors: dict[str, str]) -> None:
     given = {k: values[k] for k in ("save_steps", "checkpointing_steps") if k in values}
     if not given:
         return
-    try:
-        n = min(int(v) for v in given.values())
-    except (TypeError, ValueError):
-        n = next(iter(given.values()))  # not a number: save_every_n_steps reports it
+    steps = {k: _whole(v) for k, v in given.items()}
+    bad = [k for k, v in steps.items() if v is None]
+    if bad:  # said under the name the user wrote
+        errors[bad[0]] = f"expected a whole number of steps (0 or more), got {given[bad[0]]!r}"
+        return
+    n = min(steps.values())
     put("save_every_n_steps", n, next(iter(given)))
     if len(given) == 2 and len(set(given.values())) == 2:
         notes["checkpointing_steps"] = (f"the embedding file is the resumable state here; it is saved every "
                                         f"{n} steps (the smaller of save_steps and checkpointing_steps)")
+
+
+def _whole(v: Any) -> int | None:
+    """A step count as TOML, --set, JSON or a form gives it (10, "10", 10.0), else None."""
+    if isinstance(v, bool):
+        return None
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return int(f) if f.is_integer() and f >= 0 else None
 
 
 def _adam(values: dict[str, Any], out: dict[str, Any], notes: dict[str, str], errors: dict[str, str]) -> None:

@@ -18,13 +18,19 @@ SAMPLES = 3  # prompts shown per image: enough to see shuffling, dropout and tem
 
 
 def debug_dataset(cfg: TrainConfig, samples: int = SAMPLES) -> str:
-    try:
-        spec = dataset_spec(cfg)
-        scan = data.scan(spec)
+    field = "template_file"
+    try:  # each failure said under the option that caused it
         templates = data.load_template(cfg.template_file) if cfg.template_file else None
         prompts = data.PromptBuilder(cfg.token_string, prompt_mode(cfg), templates)
+        field = "dataset_config" if cfg.dataset_config else "train_data_dir"
+        spec = dataset_spec(cfg)
+        scan = data.scan(spec)
     except (OSError, data.DataError) as e:
-        raise PrepareError("train_data_dir", str(e)) from None
+        raise PrepareError(field, f"{field}: {e}") from None
+    except PrepareError as e:  # dataset_spec's own checks
+        if str(e).startswith(f"{e.field}: "):
+            raise
+        raise PrepareError(e.field, f"{e.field}: {e}") from None
     rng = random.Random(cfg.seed if cfg.seed >= 0 else 0)
     lines = [f"debug_dataset: {len(scan.items)} images, resolution {spec.resolution[1]}x{spec.resolution[0]}, "
              f"{'buckets' if spec.enable_bucket else 'one size'}, "
