@@ -237,3 +237,9 @@ def test_cli_exit_2_and_one_line(sd1, tmp_path, capsys):
                          "--set", "resolution=64", "--set", "max_train_steps=1"])
         err = capsys.readouterr().err.strip()
         assert code == 2 and err.count("\n") == 0 and err.startswith("error: pretrained_model_name_or_path"), err
+
+
+def test_oversized_yaml_is_not_read(sd1, tmp_path):
+    p = _variant(sd1, tmp_path / "big.safetensors", yaml="model: {params: {}}\n" + "#" * (2 << 20))
+    with pytest.raises(CheckpointError, match="too large for a model config"):
+        check_model_path(p)

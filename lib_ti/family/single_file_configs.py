@@ -152,8 +152,13 @@ def yaml_beside(path: str | os.PathLike) -> Path | None:
     return cand if cand.is_file() else None
 
 
+_YAML_MAX = 1 << 20  # ldm/sgm configs are a few KB; a bigger file beside a checkpoint is not one
+
+
 def read_yaml(path: Path) -> dict:
     try:
+        if path.stat().st_size > _YAML_MAX:
+            raise CheckpointError(f"{path} is {path.stat().st_size} bytes: too large for a model config")
         cfg = yaml.safe_load(path.read_text(encoding="utf-8"))  # safe_load: data only, never objects
     except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError) as e:
         first = " ".join(str(e).split())[:300]  # yaml's messages span lines; one line here
