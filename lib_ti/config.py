@@ -237,6 +237,8 @@ class TrainConfig:
             errors["random_crop"] = "needs cache_latents off: a cached latent cannot be re-cropped"
         if self.min_bucket_reso > self.max_bucket_reso:
             errors["min_bucket_reso"] = f"{self.min_bucket_reso} is larger than max_bucket_reso"
+        if config_compat.check_caption_extension(self.caption_extension):
+            errors["caption_extension"] = config_compat.check_caption_extension(self.caption_extension)
         if self.cache_latents_to_disk and not self.cache_latents:
             errors["cache_latents_to_disk"] = "needs cache_latents on"
         for arg in self.optimizer_args:

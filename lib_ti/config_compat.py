@@ -103,6 +103,16 @@ SAFE_TOKEN = re.compile(r"^[A-Za-z0-9_.\-]+$")  # the token is also a file name 
 _CKPT = re.compile(r"^(?:learned_embeds-steps-|(?P<name>.+)-)(?P<step>\d+)\.(?:safetensors|pt|bin)$")
 
 
+_CAPTION_EXTENSION = re.compile(r"^\.?[A-Za-z0-9_\-][A-Za-z0-9_.\-]*$")  # a suffix, never a path
+
+
+def check_caption_extension(ext: Any) -> str | None:
+    """Why `ext` cannot be a caption extension (it is joined to each image's name), or None."""
+    if not isinstance(ext, str) or not _CAPTION_EXTENSION.match(ext) or ".." in ext:
+        return f"'{ext}' must be a file extension such as .txt or .caption (letters, digits, '_', '-', '.')"
+    return None
+
+
 def _on(v: Any) -> bool:
     return v not in (None, False, 0, "", [], "false", "False", "0")
 

@@ -112,3 +112,36 @@ def test_debug_dataset_errors_name_the_option(tmp_path, capsys):
         code = cli.main(["train", *common, *extra])
         err = capsys.readouterr().err.strip()
         assert code == 2 and err.startswith(f"error: {field}: ") and "\n" not in err, err
+
+
+@pytest.mark.parametrize("ext", ["/../../etc/passwd", "../x", "a/b", ".txt/..", "..txt", "", ".t\0xt"])
+def test_caption_extension_is_a_suffix_never_a_path(ext):
+    assert set(errors({"token_string": "t1x", "caption_extension": ext})) == {"caption_extension"}
+
+
+def test_caption_extension_that_kohya_users_write_is_fine():
+    for ext in (".txt", ".caption", "txt", ".tags.txt", ".wd14_tags"):
+        assert TrainConfig.from_dict({**BASE, "token_string": "t1x", "caption_extension": ext}).caption_extension == ext
+
+
+def test_dataset_toml_bad_subset_values(tmp_path):
+    from lib_ti.data import DataError
+    from lib_ti.data.dataset_toml import load_dataset_toml
+
+    (tmp_path / "img").mkdir()
+    for extra, match in (("num_repeats = 1000000000000", "up to 10000"),
+                         ('caption_extension = "/../../etc/passwd"', "a file extension"),
+                         ("caption_dropout_rate = 2", r"0.0..1.0"), ('enable_wildcard = "yes"', "true or false")):
+        toml = tmp_path / "ds.toml"
+        toml.write_text(f'[[datasets]]\n[[datasets.subsets]]\nimage_dir = "{tmp_path / "img"}"\n{extra}\n')
+        with pytest.raises(DataError, match=match):
+            load_dataset_toml(toml)
+
+
+def test_kohya_folder_with_absurd_repeats(tmp_path):
+    from lib_ti.data import DataError
+    from lib_ti.data.spec import subsets_from_train_dir
+
+    (tmp_path / "99999999999999_dog").mkdir()
+    with pytest.raises(DataError, match="repeats is over 10000"):
+        subsets_from_train_dir(tmp_path)
