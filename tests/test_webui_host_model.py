@@ -81,13 +81,20 @@ def step(model, vectors, seed: int = 0, texts=TEXTS) -> torch.Tensor:
     return loss
 
 
-def txt2img(m, prompt: str, seed: int = 7) -> bytes:
+def txt2img(m, prompt: str, seed: int = 7, cond: list | None = None) -> bytes:
+    """The image's bytes; `cond` collects the conditioning the host sampled with (p.c), which is what
+    a check that the vectors reached the render can compare with margin (a tiny random model's
+    uint8 image may round two different conditionings to the same bytes)."""
     from modules import processing
 
     p = processing.StableDiffusionProcessingTxt2Img(sd_model=m, prompt=prompt, steps=3, seed=seed, width=64,
                                                     height=64, do_not_reload_embeddings=True)
     with contextlib.closing(p):
-        return processing.process_images(p).images[0].tobytes()
+        image = processing.process_images(p).images[0].tobytes()
+        if cond is not None:  # before close(), which drops it
+            c = p.c
+            cond.append(torch.cat([c[k].flatten() for k in sorted(c)]) if isinstance(c, dict) else c.flatten())
+    return image
 
 
 # ---------------------------------------------------------------- the protocol
@@ -291,19 +298,24 @@ def test_previews_during_a_run_see_the_live_vectors_and_the_db_comes_back(host):
 
     m, db = shared.sd_model, sd_hijack.model_hijack.embedding_db
     db.register_embedding(host_embedding("sd1", TOKEN), m)
-    plain, with_token = txt2img(m, "a photo of a cat"), txt2img(m, f"a photo of {TOKEN}")
+    conds: list[torch.Tensor] = []
+    plain, with_token = txt2img(m, "a photo of a cat"), txt2img(m, f"a photo of {TOKEN}", cond=conds)
     model = host_model.borrow()
     vectors = start_vectors(model)
-    previews = []
     with model.training():
         for i in range(2):
             step(model, vectors, seed=i)
-            with torch.no_grad():
-                vectors["emb"] += 0.5  # a big optimizer step
-            previews.append(txt2img(m, f"a photo of {TOKEN}"))  # same prompt: the cond cache must not serve it
-    assert previews[0] != previews[1] and with_token not in previews
+            with torch.no_grad():  # a big optimizer step; not a constant shift, which the first layer norm undoes
+                vectors["emb"] += 0.5 * torch.randn(vectors["emb"].shape, generator=torch.Generator().manual_seed(i))
+            txt2img(m, f"a photo of {TOKEN}", cond=conds)  # same prompt: the cond cache must not serve it
+            live = model.encode_prompts([f"a photo of {TOKEN}"], TOKEN, vectors, SIZES[:1]).detach().flatten()
+            assert torch.allclose(conds[-1], live, atol=1e-5)  # the preview sampled with the live vectors
+    before, first, second = conds
+    assert (first - before).abs().max() > 1e-2 and (second - first).abs().max() > 1e-2
+    # afterwards the host renders exactly as before (same computation, so same bytes)
     assert txt2img(m, "a photo of a cat") == plain
-    assert txt2img(m, f"a photo of {TOKEN}") == with_token
+    after: list[torch.Tensor] = []
+    assert txt2img(m, f"a photo of {TOKEN}", cond=after) == with_token and torch.equal(after[0], before)
 
 
 # ---------------------------------------------------------------- memory modes and refusals

@@ -19,7 +19,7 @@ from lib_ti.embedding import Embedding
 from lib_ti.prepare import PrepareError
 from lib_ti.tokens import TokenError, check_token_string
 from lib_ti.train import Callbacks, Progress, run_training
-from lib_ti.webui import host, host_model
+from lib_ti.webui import card, host, host_model
 from lib_ti.webui.tasks import REGISTRY, Task
 
 log = logging.getLogger("lib_ti")
@@ -125,7 +125,9 @@ def _callbacks(task: Task, cfg: TrainConfig, preview: dict[str, Any] | None) -> 
             formats.save_embedding(emb, path, "safetensors", overwrite=True)
             REGISTRY.update(task.id, checkpoints=[*task.checkpoints, (emb.step, path)])
             return path
-        return publish(task, emb, final_path(cfg), overwrite=True)
+        path = publish(task, emb, final_path(cfg), overwrite=True)
+        REGISTRY.update(task.id, notes=[*task.notes, *card.write_card(task, emb, path, cfg, preview)])
+        return path
 
     def sample(step: int, emb: Embedding) -> None:
         prompts = _preview_prompts(cfg, preview)

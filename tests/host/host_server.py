@@ -2,9 +2,11 @@
 
 Nothing here installs or builds the host: it starts an install that already exists
 (TI_TRAINER_HOST_DIR) with that install's python, on a tiny checkpoint, offline, on the CPU, bound
-to 127.0.0.1 on a free port, the way tests/host/README.md describes. Settings, UI defaults and the
-embeddings folder go to a temporary folder, so the install's own config.json and embeddings are
-left alone. Plain stdlib: urllib for HTTP, so the test needs no extra package.
+to 127.0.0.1 on a free port, the way tests/host/README.md describes. The host runs with
+`--data-dir` in a temporary folder, and the extension is linked into that folder's `extensions/`
+(the host reads extensions from `<data-dir>/extensions`): settings, params.txt, cache, embeddings,
+models/ and the trainer's textual_inversion/ logs all land there, and nothing is written into the
+install. Plain stdlib: urllib for HTTP, so the test needs no extra package.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 EXTENSION_NAME = "sd-webui-ti-trainer"
+REPO = Path(__file__).resolve().parent.parent.parent  # this checkout
 # What marks a traceback as ours: the extension's folder, its package, its entry script.
 OUR_MARKERS = (EXTENSION_NAME, "lib_ti", "ti_trainer.py", "ti_trainer")
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
@@ -115,7 +118,8 @@ class Host:
     checkpoint has loaded; `stop()` ends the whole process group (always call it)."""
 
     def __init__(self, host_dir: Path, python: str, ckpt_dir: Path, family: str, workdir: Path,
-                 extra_args: tuple[str, ...] = ()):
+                 extra_args: tuple[str, ...] = (), extension: Path | None = REPO, prepare: bool = False,
+                 env: dict[str, str] | None = None):
         self.host_dir, self.python, self.ckpt_dir, self.family = Path(host_dir), python, Path(ckpt_dir), family
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -125,6 +129,9 @@ class Host:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.extra_args = tuple(extra_args)
+        self.extension = extension  # linked into <workdir>/extensions/; None: already installed there
+        self.prepare = prepare  # run the launcher's prepare_environment (extension installers) too
+        self.env = dict(env or {})
         self.proc: subprocess.Popen | None = None
         self._log_file = None
         self.startup_s: float | None = None
@@ -139,7 +146,8 @@ class Host:
 
     def command(self) -> list[str]:
         return [
-            self.python, "launch.py", "--skip-prepare-environment", "--skip-torch-cuda-test", "--use-cpu", "all",
+            self.python, "launch.py", *(() if self.prepare else ("--skip-prepare-environment",)),
+            "--skip-torch-cuda-test", "--use-cpu", "all", "--data-dir", str(self.workdir),
             "--no-half", "--precision", "full", "--api", "--server-name", "127.0.0.1", "--port", str(self.port),
             "--no-download-sd-model", "--ckpt-dir", str(self.models_dir), "--ckpt", str(self.checkpoint),
             "--embeddings-dir", str(self.embeddings_dir),
@@ -156,7 +164,12 @@ class Host:
 
     def start(self, timeout: float = 180) -> Host:
         env = {k: v for k, v in os.environ.items() if k != "COMMANDLINE_ARGS"}  # launch.py appends those
-        env.update(OFFLINE_ENV, HF_HOME=str(self.ckpt_dir / "hf-home"))
+        env.update(OFFLINE_ENV, HF_HOME=str(self.ckpt_dir / "hf-home"), **self.env)
+        if self.extension is not None:
+            link = self.workdir / "extensions" / EXTENSION_NAME
+            link.parent.mkdir(exist_ok=True)
+            if not os.path.lexists(link):
+                os.symlink(self.extension, link, target_is_directory=True)
         # Output to a file: an unread pipe fills up and then blocks the server mid-run.
         self._log_file = open(self.log_path, "w")  # noqa: SIM115 (closed in stop)
         t0 = time.time()
@@ -167,6 +180,9 @@ class Host:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"the host exited with {self.proc.returncode}:\n{self.log()[-6000:]}")
             log = self.log()
+            # No request before "Startup time:": an early one makes starlette build its middleware
+            # stack, and the host's create_api then dies with "Cannot add middleware after an
+            # application has started".
             if "Model loaded in" in log and "Startup time:" in log and self._answers("/ti-trainer/v1/tasks"):
                 self.startup_s = time.time() - t0
                 return self

@@ -4,14 +4,15 @@ Skipped unless TI_TRAINER_HOST_DIR names a WebUI root (see tests/host/README.md)
 python comes from TI_TRAINER_HOST_PYTHON or HOST/venv or HOST/../venv; the tiny checkpoints from
 TI_TRAINER_HOST_CKPT_DIR (the --out folder of make_tiny_checkpoint.py) or are written here by it.
 
-This checkout is linked into HOST/extensions/sd-webui-ti-trainer for the module (and the link
-removed afterwards; one that already points here is left as found). Each host runs on a free port
-on 127.0.0.1 with its settings and embeddings folder in a temporary folder (tests/host/host_server.py).
+Each host runs on a free port on 127.0.0.1 with `--data-dir` in a temporary folder and this
+checkout linked into that folder's extensions/ (tests/host/host_server.py): nothing is written into
+the install, which the module checks (`git status --ignored` before and after).
 
   1. the host starts with the extension and its log has no traceback that involves it;
   2. SD1 over HTTP: POST /ti-trainer/v1/train on a generated image folder, poll to done; the host
      lists the embedding (vectors, width); txt2img with the token names it in the infotext, and
-     a prompt without it gives the very same pixels as before training;
+     a prompt without it gives the very same pixels as before training; the card's picture and
+     facts are beside the file and in the host's own card;
   3. SD1 in the browser: Train -> TI Trainer, fill the form, Train, wait for the tab to say done
      and that the host loaded the file; screenshot to artifacts/real-host-tab.png;
   4. SDXL (when its tiny checkpoint exists) over HTTP as in 2.
@@ -32,6 +33,7 @@ import shutil
 import subprocess
 import sys
 import time
+import urllib.parse
 from pathlib import Path
 
 import pytest
@@ -89,29 +91,17 @@ def tiny(host_python, tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
-def installed():
-    """This checkout as HOST/extensions/sd-webui-ti-trainer, for the module."""
-    link = Path(HOST) / "extensions" / host_server.EXTENSION_NAME
-    made = False
-    if os.path.lexists(link):
-        if os.path.realpath(link) != os.path.realpath(ROOT):
-            pytest.fail(f"{link} exists and is not this checkout ({os.path.realpath(link)}): "
-                        "move it aside to run these tests")
-    else:
-        link.parent.mkdir(exist_ok=True)
-        os.symlink(ROOT, link, target_is_directory=True)
-        made = True
-    try:
-        yield link
-    finally:
-        if made and link.is_symlink():
-            link.unlink()
+def install_state() -> list[str]:
+    """What git sees in the install (bytecode caches aside): equal before and after, so the tests
+    wrote nothing into it (everything went to the temporary --data-dir)."""
+    r = subprocess.run(["git", "-C", HOST, "status", "--porcelain", "--ignored", "--untracked-files=all"],
+                       capture_output=True, text=True, check=True)
+    return sorted(ln for ln in r.stdout.splitlines() if "__pycache__" not in ln and not ln.endswith(".pyc"))
 
 
 class Hosts:
     """At most one running host at a time (the machine may have two cores): asking for another
-    family stops the one that runs. Records the names trained, to clear their log folders."""
+    family stops the one that runs. Records the names trained."""
 
     def __init__(self, python: str, tiny: Path, workdir: Path):
         self.python, self.tiny, self.workdir = python, tiny, workdir
@@ -138,26 +128,18 @@ class Hosts:
             ARTIFACTS.mkdir(exist_ok=True)
             shutil.copyfile(host.log_path, ARTIFACTS / f"real-host-{host.family}.log")
 
-    def cleanup(self) -> None:
-        """The run folders our names made in the host's data dir (<data>/textual_inversion/<date>/<name>)."""
-        root = Path(HOST) / "textual_inversion"
-        for name in self.names:
-            for d in root.glob(f"*/{name}"):
-                shutil.rmtree(d, ignore_errors=True)
-            for day in root.glob("*"):
-                if day.is_dir() and not any(day.iterdir()):
-                    day.rmdir()
-
 
 @pytest.fixture(scope="module")
-def hosts(host_python, tiny, installed, tmp_path_factory):
+def hosts(host_python, tiny, tmp_path_factory):
     pool = Hosts(host_python, tiny, tmp_path_factory.mktemp("hosts"))
+    before = install_state()
     try:
         yield pool
     finally:
         pool.stop()
-        pool.cleanup()
         print("\ntimings:", json.dumps({k: round(v, 1) for k, v in pool.timings.items()}))
+    after = install_state()
+    assert after == before, f"the tests wrote into the install: {sorted(set(after) - set(before))}"
 
 
 def new_name(hosts: Hosts, family: str) -> str:
@@ -229,7 +211,7 @@ def api_round_trip(hosts: Hosts, family: str, tmp_path: Path) -> dict:
     data = image_folder(tmp_path / "data", name)
 
     before, before_text, _ = txt2img(host, PLAIN_PROMPT)
-    token_before, token_before_text, _ = txt2img(host, f"a photo of {name}")  # the token as plain words
+    _, token_before_text, _ = txt2img(host, f"a photo of {name}")  # the token as plain words
     assert "TI hashes" not in token_before_text
     assert host.get("/sdapi/v1/embeddings")["loaded"].get(name) is None
 
@@ -253,12 +235,22 @@ def api_round_trip(hosts: Hosts, family: str, tmp_path: Path) -> dict:
     assert got["step"] in (None, STEPS), got
     assert name not in listed["skipped"]
     header = host.get(f"/ti-trainer/v1/inspect/{name}")
+    # the Extra Networks card: a picture and the training facts beside the file (lib_ti/webui/card.py)
+    card = json.loads((host.embeddings_dir / f"{name}.json").read_text())
+    assert card["ti_trainer"]["step"] == STEPS and card["ti_trainer"]["sd_checkpoint_name"] == f"tiny-{family}", card
+    assert f"{STEPS} training steps" in card["description"], card
+    assert (host.embeddings_dir / f"{name}.preview.png").is_file()
+    # and the host's own card (what the Extra Networks single-card refresh fetches) shows both
+    query = urllib.parse.urlencode({"page": "textual inversion", "tabname": "txt2img", "name": name})
+    card_html = host.get(f"/sd_extra_networks/get-single-card?{query}")["html"]
+    assert f"{name}.preview.png" in card_html and f"{STEPS} training steps" in card_html, card_html
 
     with_token, infotext, t2i_info = txt2img(host, f"a photo of {name}")
     file_hash = hashlib.sha256(Path(info["output"]).read_bytes()).hexdigest()[:12]
     # one entry per text encoder that saw the token: SDXL's two each append theirs (sd_hijack_clip.py)
     assert ti_hash_entries(infotext) == {f"{name}: {file_hash}"}, infotext
-    assert with_token != token_before  # same prompt and seed: the embedding changed the conditioning
+    # (the TI hash above proves the embedding was used; the pixels of a tiny random model are no
+    # verdict: uint8 rounding may map different conditionings to the same image)
     after, after_text, _ = txt2img(host, PLAIN_PROMPT)
     assert after == before, "a prompt without the token gives other pixels after training"
     assert "TI hashes" not in after_text and name not in after_text, after_text

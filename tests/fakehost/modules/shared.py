@@ -24,6 +24,7 @@ opts = Options({
     "sdxl_refiner_low_aesthetic_score": OptionInfo(2.5, "SDXL low aesthetic score"),
     "sdxl_refiner_high_aesthetic_score": OptionInfo(6.0, "SDXL high aesthetic score"),
     "persistent_cond_cache": OptionInfo(True, "Persistent cond cache"),
+    "samples_format": OptionInfo("png", "File format for images"),
     "textual_inversion_print_at_load": OptionInfo(False, "Print TI at load"),
     "textual_inversion_add_hashes_to_infotext": OptionInfo(True, "TI hashes in infotext"),
     "live_previews_enable": OptionInfo(True, "Live previews"),
