@@ -158,6 +158,12 @@ def test_yaml_beside_the_file_is_data_only(sd1, tmp_path, text, match):
     (("ti_trainer:", "ti_trainer: 5\n_was:"), "'ti_trainer' must be a mapping"),
     (("model_channels: 32", "model_channels: x"), "m.yaml beside the file"),
     (("ch_mult:", "ch_mult: 3\n          _was:"), "m.yaml beside the file"),
+    # numbers diffusers takes as given, which would fail (or allocate without bound) only when used
+    (("timesteps: 1000", "timesteps: -5"), "timesteps must be a whole number"),
+    (("timesteps: 1000", "timesteps: 1000000000000"), "timesteps must be a whole number"),
+    (("linear_start: 0.00085", "linear_start: x"), "linear_start must be a number"),
+    (("scale_factor: 0.18215", "scale_factor: abc"), "scale_factor must be a number"),
+    (("image_size: 8", "image_size: 100000000"), "image_size must be a whole number"),
 ])
 def test_yaml_values_of_the_wrong_kind(sd1, tmp_path, edit, match):
     text = sd1.with_suffix(".yaml").read_text()

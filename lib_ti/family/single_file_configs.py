@@ -108,6 +108,24 @@ class Spec:
         scaling = str(_section(_section(_section(self.params, "denoiser_config"), "params"), "scaling_config").get("target"))
         return "v_prediction" if scaling.rsplit(".", 1)[-1].startswith("VScaling") else "epsilon"
 
+    def check_numbers(self) -> None:
+        """The yaml's plain numbers, which diffusers takes as given and which would otherwise fail
+        (or allocate without bound) only once used: the noise schedule, the latent scale, the size."""
+        p, where = self.params, self.source
+
+        def num(key: str, default: float, lo: float, hi: float, whole: bool = False, d: dict | None = None) -> None:
+            v = (p if d is None else d).get(key, default)
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and (not whole or float(v).is_integer())
+            if not ok or not lo <= v <= hi:
+                raise CheckpointError(f"{where}: {key} must be a {'whole ' if whole else ''}number in {lo}..{hi}, "
+                                      f"got {v!r:.40}")
+
+        num("timesteps", 1000, 1, 100000, whole=True)
+        num("linear_start", 0.00085, 1e-8, 1.0)
+        num("linear_end", 0.012, 1e-8, 1.0)
+        num("scale_factor", 0.18215, 1e-6, 100.0)
+        num("image_size", 64, 1, 4096, whole=True, d=self.unet_params)
+
     def text_heads(self) -> list[int | None]:
         heads = _section(self.config, "ti_trainer").get("text_encoder_heads")
         n = len(TEXT_PREFIXES[self.family])
@@ -194,6 +212,7 @@ def describe(path: str | os.PathLike, shapes: dict[str, tuple[int, ...]]) -> Spe
     else:
         spec = _guess(shapes)
     _check(spec, shapes, path)
+    spec.check_numbers()
     return spec
 
 
