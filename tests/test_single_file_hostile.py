@@ -225,6 +225,14 @@ def test_paths_that_are_not_checkpoints(tmp_path, monkeypatch):
             f("https://huggingface.co/x/y/resolve/main/m.safetensors")
 
 
+def test_a_path_the_system_cannot_stat(tmp_path):
+    """An OSError other than "not there" (here: a name too long; as for a folder without
+    permission) is said about the option, not raised as a Python exception."""
+    for f in (check_model_path, load_model):
+        with pytest.raises(ModelFolderError, match="cannot read .*File name too long"):
+            f(str(tmp_path / ("x" * 300 + ".safetensors")))
+
+
 @pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root reads any file")
 def test_unreadable_file(sd1, tmp_path):
     p = _variant(sd1, tmp_path / "locked.safetensors")

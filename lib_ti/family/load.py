@@ -13,6 +13,7 @@ Prediction type: `v_parameterization` if given, else the scheduler config's `pre
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -101,6 +102,21 @@ def wrap(family: str, parts: dict, clip_skip: int = 1, prediction_type: str | No
                        parts["scheduler"], prediction_type, clip_skip)
 
 
+def _os_errors(fn):
+    """A path that cannot be read (no permission on the file or a folder above it, an I/O error)
+    is said about the option like any other bad model path, not as a Python exception."""
+
+    @functools.wraps(fn)
+    def wrapper(path, *args, **kwargs):
+        try:
+            return fn(path, *args, **kwargs)
+        except OSError as e:
+            raise ModelFolderError(f"cannot read '{path}': {e.strerror or e}") from None
+
+    return wrapper
+
+
+@_os_errors
 def check_model_path(path: str | os.PathLike) -> str:
     """The family of the model at `path`, found cheaply (folder: its json files; .safetensors: its
     header and .yaml), before anything is loaded; raises ModelFolderError as loading would. A .ckpt
@@ -115,6 +131,7 @@ def check_model_path(path: str | os.PathLike) -> str:
     return detect_family(p)
 
 
+@_os_errors
 def load_diffusers_model(folder: str | os.PathLike, device: str | torch.device = "cpu",
                          dtype: torch.dtype = torch.float32, clip_skip: int = 1,
                          v_parameterization: bool | None = None) -> DiffusersModel:
