@@ -31,8 +31,9 @@ class ConfigError(ValueError):
 
 
 def _opt(default: Any, help: str, *, lo: float | None = None, hi: float | None = None,
-         choices: tuple[str, ...] | None = None) -> Any:
-    meta = {"help": help, "lo": lo, "hi": hi, "choices": choices}
+         choices: tuple[str, ...] | None = None, host: bool = False) -> Any:
+    # host=True: the WebUI decides it (the loaded model, its folders); only the CLI reads it from the user
+    meta = {"help": help, "lo": lo, "hi": hi, "choices": choices, "host": host}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -49,10 +50,11 @@ OPTIMIZER_ALIASES = {
 @dataclass(frozen=True)
 class TrainConfig:
     # --- model and output (CLI: model folder; WebUI: the loaded checkpoint) ---
-    pretrained_model_name_or_path: str = _opt("", "checkpoint file (.safetensors/.ckpt) or diffusers folder (CLI only)")
-    v2: bool = _opt(False, "kohya flag; the family is detected from the model")
+    pretrained_model_name_or_path: str = _opt("", "checkpoint file (.safetensors/.ckpt) or diffusers folder (CLI only)",
+                                              host=True)
+    v2: bool = _opt(False, "kohya flag; the family is detected from the model", host=True)
     v_parameterization: bool = _opt(False, "force v-prediction targets (SD2-768-v style models)")
-    output_dir: str = _opt("", "where the embedding and its checkpoints go")
+    output_dir: str = _opt("", "where the embedding and its checkpoints go", host=True)
     output_name: str = _opt("", "file name of the embedding (default: token_string)")
     save_model_as: str = _opt("safetensors", "file format; invokeai: <output_dir>/<name>/learned_embeds.bin",
                               choices=("safetensors", "pt", "invokeai"))
@@ -88,7 +90,8 @@ class TrainConfig:
     token_warmup_min: int = _opt(1, "tags shown at the start of token warmup", lo=0)
     token_warmup_step: float = _opt(0.0, "steps (or a fraction of the run if < 1) to show all tags (0: off)",
                                     lo=0.0)
-    debug_dataset: bool = _opt(False, "CLI only: list every image with its bucket and sample prompts, then exit")
+    debug_dataset: bool = _opt(False, "CLI only: list every image with its bucket and sample prompts, then exit",
+                               host=True)
     resolution: str = _opt("512", "training size 'N' or 'W,H'")
     enable_bucket: bool = _opt(False, "aspect-ratio buckets instead of one square size")
     min_bucket_reso: int = _opt(256, "smallest bucket side", lo=64, hi=4096)
@@ -122,7 +125,7 @@ class TrainConfig:
     noise_offset: float = _opt(0.0, "noise offset (0: off; 0.05 is typical)", lo=0.0, hi=1.0)
     clip_skip: int = _opt(1, "text encoder layers skipped from the end (SD1)", lo=1, hi=12)
     seed: int = _opt(-1, "random seed (-1: random)", lo=-1)
-    device: str = _opt("auto", "CLI only: auto, cpu, cuda, cuda:N, mps")
+    device: str = _opt("auto", "CLI only: auto, cpu, cuda, cuda:N, mps", host=True)
     # --- previews ---
     sample_every_n_steps: int = _opt(0, "render previews every N steps (0: off)", lo=0)
     sample_prompts: str = _opt("", "preview prompts: a file, or prompts one per line")
@@ -185,10 +188,17 @@ class TrainConfig:
         flat.update(overrides or {})
         return cls.from_dict(flat)
 
+    @classmethod
+    def host_decided(cls) -> tuple[str, ...]:
+        """Fields the WebUI decides itself (tagged `host` above); the CLI takes them from the user."""
+        return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get("host"))
+
     def replace(self, **changes: Any) -> TrainConfig:
         merged = {k: getattr(self, k) for k in self.field_names()}
         merged.update(changes)
-        return TrainConfig.from_dict(merged)
+        new = TrainConfig.from_dict(merged)
+        # the notes about accepted-but-ignored options stay with the config (never silently dropped)
+        return dataclasses.replace(new, ignored={**self.ignored, **new.ignored})
 
     def to_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.field_names()}

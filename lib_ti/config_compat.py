@@ -16,7 +16,7 @@ from typing import Any
 
 _ATTN = "attention uses PyTorch SDPA where the model allows it; xformers is not needed"
 _WORKERS = "latents are cached up front, so no loader workers are used"
-_LOG = "the loss is written to loss.csv in the output folder"
+_LOG = "the loss is written to <name>.loss.csv in the output folder"
 _EMBEDS_ONLY = "only the embedding is ever saved: TI leaves the model unchanged, so there is no pipeline to save"
 _HUB = "nothing is uploaded or downloaded; the model is a local folder"
 
@@ -32,7 +32,7 @@ NOTED_KEYS = {
     "no_half_vae": "the VAE always encodes in fp32 (fp16 gives NaN latents on SDXL)",
     "save_precision": "embeddings are always saved in fp32 (a few KB)",
     "cache_text_encoder_outputs": "impossible for TI: the gradient must pass through the text encoder; ignored",
-    "save_state": "the embedding file itself is the state: resume with `weights`",
+    "save_state": "the resume state is always saved beside each file (<file>.ti-state): resume with `weights`",
     "log_with": _LOG,
     "logging_dir": _LOG,
     "max_token_length": "prompts use 75-token chunks as the WebUI does",

@@ -9,9 +9,9 @@ accepts the old `ParameterDict` files.
 
 from __future__ import annotations
 
+import math
 import os
 import re
-import tempfile
 from collections.abc import Callable
 from typing import Any
 
@@ -19,7 +19,7 @@ import safetensors
 import safetensors.torch
 import torch
 
-from lib_ti import safe_pickle
+from lib_ti import files, safe_pickle
 from lib_ti.embedding import Embedding
 from lib_ti.family.base import SDXL_SLOTS, SINGLE_SLOT
 
@@ -27,6 +27,7 @@ FIELDS = ("step", "name", "sd_checkpoint", "sd_checkpoint_name")
 SAVE_FORMATS = ("safetensors", "a1111-pt", "diffusers")
 FAMILY_WIDTHS = {"SD1": {SINGLE_SLOT: 768}, "SD2": {SINGLE_SLOT: 1024}, "SDXL": {"clip_l": 768, "clip_g": 1280}}
 A1111_TOKEN_ID = 265  # the constant A1111 writes into string_to_token; every reader ignores it
+MAX_NORM = 65504.0  # float16 max: beyond it the host's half-precision text encoder overflows
 NOTE = "note"  # metadata key for what the reader dropped or guessed
 
 
@@ -312,30 +313,10 @@ def _header(emb: Embedding, **extra: str) -> dict[str, str]:
 
 
 def _atomic(jobs: list[tuple[str, Callable[[Any], None]]], overwrite: bool) -> list[str]:
-    """Write every (path, write(fileobj)) through a temp file in the target folder, then rename.
-    A reader (or A1111's reload) sees the old file or the new one, never half of one."""
-    if not overwrite:
-        for path, _ in jobs:
-            if os.path.exists(path):
-                raise OverwriteError(f"{path} already exists; pass overwrite=True (--overwrite) to replace it")
-    temps: list[str] = []
     try:
-        for path, write in jobs:
-            # ".tmp" suffix: the host's embedding scan skips it while it is being written
-            fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",
-                                       dir=os.path.dirname(os.path.abspath(path)))
-            temps.append(tmp)
-            with os.fdopen(fd, "wb") as f:
-                write(f)
-                f.flush()
-                os.fsync(f.fileno())
-        for (path, _), tmp in zip(jobs, temps):
-            os.replace(tmp, path)
-    finally:
-        for tmp in temps:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-    return [os.fspath(p) for p, _ in jobs]
+        return files.atomic_write(jobs, overwrite)
+    except files.Exists as e:
+        raise OverwriteError(str(e)) from None
 
 
 def _st_writer(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> Callable[[Any], None]:
@@ -366,7 +347,7 @@ def write_a1111_pt(emb: Embedding, path: str | os.PathLike[str], overwrite: bool
     }
     if emb.metadata:  # hosts ignore unknown keys; a plain str dict keeps the file weights_only-safe
         data["metadata"] = {str(k): str(v) for k, v in emb.metadata.items()}
-    return _atomic([(path, lambda f: torch.save(data, f))], overwrite)
+    return _atomic([(path, lambda f: f.write(safe_pickle.dumps(data)))], overwrite)
 
 
 def write_diffusers(emb: Embedding, path: str | os.PathLike[str], token: str,
@@ -379,7 +360,7 @@ def write_diffusers(emb: Embedding, path: str | os.PathLike[str], token: str,
 
     def writer(t: torch.Tensor) -> Callable[[Any], None]:
         one = {token: _clean(t[0] if t.shape[0] == 1 else t)}
-        return (lambda f: torch.save(one, f)) if path.endswith(".bin") else _st_writer({token: t}, meta)
+        return (lambda f: f.write(safe_pickle.dumps(one))) if path.endswith(".bin") else _st_writer({token: t}, meta)
     if _layout(emb) == "single":
         return _atomic([(path, writer(next(iter(emb.vectors.values()))))], overwrite)
     second, is_second = partner_path(path)
@@ -390,7 +371,11 @@ def write_diffusers(emb: Embedding, path: str | os.PathLike[str], token: str,
 
 def save_embedding(emb: Embedding, path: str | os.PathLike[str], fmt: str, overwrite: bool = False,
                    token: str | None = None) -> list[str]:
-    """Write `emb` as fmt ("safetensors", "a1111-pt" or "diffusers"); returns the files written."""
+    """Write `emb` as fmt ("safetensors", "a1111-pt" or "diffusers"); returns the files written.
+    Vectors with a non-finite (or overflowing) norm are never written: the host would produce NaN."""
+    bad = {k: n for k, ns in emb.norms().items() for n in ns if not math.isfinite(n) or n > MAX_NORM}
+    if bad:
+        raise FormatError(f"refusing to write {os.fspath(path)}: vector norms {bad} are not finite or overflow")
     if fmt == "safetensors":
         return write_safetensors(emb, path, overwrite)
     if fmt == "a1111-pt":

@@ -12,6 +12,7 @@ import torch
 
 from lib_ti import data, formats
 from lib_ti.config import TrainConfig
+from lib_ti.data.images import caption_path
 from lib_ti.embedding import Embedding
 from lib_ti.family.base import SINGLE_SLOT, SizeCond, TrainableModel
 from lib_ti.tokens import TokenError, check_token_string, init_vectors
@@ -89,6 +90,21 @@ def dataset_spec(cfg: TrainConfig) -> data.DatasetSpec:
     return data.DatasetSpec(subsets=subsets, **base)
 
 
+def check_data(cfg: TrainConfig) -> data.ScanResult:
+    """The dataset read without a model (the CLI runs this before loading one)."""
+    try:
+        scan = data.scan(dataset_spec(cfg))
+    except data.DataError as e:
+        raise PrepareError("train_data_dir", str(e)) from None
+    if not any(not it.subset.is_reg for it in scan.items):
+        raise PrepareError("train_data_dir", "no training images (only regularization images were found)")
+    return scan
+
+
+def has_caption_files(items: list) -> bool:
+    return any(caption_path(Path(it.path), it.subset.caption_extension).is_file() for it in items)
+
+
 def prompt_mode(cfg: TrainConfig) -> str:
     if cfg.use_object_template:
         return "object"
@@ -122,6 +138,11 @@ def prepare(cfg: TrainConfig, model: TrainableModel, progress: Callable[[str, in
     train_items = [it for it in items if not it.subset.is_reg]
     if not train_items:
         raise PrepareError("train_data_dir", "no training images (only regularization images were found)")
+    if prompts.mode == "caption" and not has_caption_files(train_items) and not any(it.caption for it in train_items):
+        # "auto": a folder of bare images trains with the object template, as A1111's trainer does
+        prompts = data.PromptBuilder(cfg.token_string, "object", None)
+        warnings.append("no caption files next to the images: training with the object template "
+                        f"('a photo of a {cfg.token_string}', ...); add captions or choose a template to change it")
     if prompts.uses_captions:
         missing = data.captions_missing_token([it for it in train_items], cfg.token_string)
         never_named = prompts.mode == "caption" or all("[name]" not in t for t in prompts.templates)

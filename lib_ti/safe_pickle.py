@@ -1,9 +1,13 @@
-"""Loading torch pickles (.pt/.bin embeddings) without ever running code from them."""
+"""Torch pickles (.pt/.bin embeddings): loading them without ever running code, and writing the
+zip layout that A1111's own safe unpickler (modules/safe.py) accepts whatever torch writes it."""
 
 from __future__ import annotations
 
+import io
 import pickle
+import re
 import types
+import zipfile
 from typing import Any
 
 import torch
@@ -60,3 +64,21 @@ def load(path: str) -> Any:
 
 def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [""])[0][:300]
+
+
+# Entries A1111 1.10.1's check_zip_filenames allows. Newer torch adds `.format_version` and
+# `.storage_alignment`, which it refuses as "bad file inside"; torch.load needs neither.
+_A1111_ENTRY = re.compile(r"^[^/]+/(data/\d+|version|byteorder|\.data/serialization_id|data\.pkl)$")
+
+
+def dumps(obj: Any) -> bytes:
+    """torch.save's zip, rewritten with only the entries every host's loader accepts. Entries stay
+    uncompressed (torch reads them in place)."""
+    raw = io.BytesIO()
+    torch.save(obj, raw)
+    out = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(raw.getvalue())) as src, zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as dst:
+        for info in src.infolist():
+            if _A1111_ENTRY.match(info.filename):
+                dst.writestr(zipfile.ZipInfo(info.filename, date_time=(1980, 1, 1, 0, 0, 0)), src.read(info))
+    return out.getvalue()

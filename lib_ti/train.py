@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lib_ti import data
+from lib_ti import data, resume
 from lib_ti.config import TrainConfig
 from lib_ti.embedding import Embedding
 from lib_ti.family.base import TrainableModel
@@ -35,6 +35,10 @@ class Progress:
     norms: dict[str, list[float]] = field(default_factory=dict)
     eta_s: float | None = None
     message: str = ""
+    validated: bool = False  # val_loss was computed at this step (else it repeats the last one)
+
+
+MAX_NORM = 65504.0  # float16 max: a longer vector overflows the host's half-precision text encoder
 
 
 def _noop(*_a: object, **_k: object) -> None:
@@ -54,6 +58,22 @@ class Callbacks:
     all_reduce: Callable[[torch.Tensor], None] = _noop
     rank: int = 0
     world_size: int = 1
+    # filled by the loop for the run layer: the last finite vectors, and the state to resume from
+    live: Live = field(default_factory=lambda: Live())
+    # a resume state (lib_ti/resume.py) that matched this run: continue exactly from there
+    resume: dict | None = None
+
+
+@dataclass
+class Live:
+    """What the run layer reads from outside the loop. `good` holds the vectors that produced the
+    last finite loss (updated in place after each step); `state()` is what an exact resume needs
+    at the current step boundary, or None when the optimizer went past the good vectors."""
+
+    good: dict[str, torch.Tensor] = field(default_factory=dict)
+    step: int = 0
+    start_step: int = 0
+    state: Callable[[], dict | None] = lambda: None
 
 
 @dataclass
@@ -121,6 +141,8 @@ def run_training(cfg: TrainConfig, model: TrainableModel, cb: Callbacks | None =
     """Train `cfg.token_string` on `model`. Raises PrepareError for bad input before any step."""
     cb = cb or Callbacks()
     seed = cfg.seed if cfg.seed >= 0 else random.randrange(2**31)
+    if cb.resume is not None:
+        seed = int(cb.resume["seed"])  # the same latents and batches as the run it continues
     cb.progress(Progress("preparing", message="checking the token and reading images"))
     # Seeded, without disturbing the host's global RNG: the VAE samples latents from it, and every
     # process of a multi-GPU run must cache the same latents (same validation loss, same auto-stop).
@@ -131,11 +153,21 @@ def run_training(cfg: TrainConfig, model: TrainableModel, cb: Callbacks | None =
                        cb.should_stop)
     for w in prep.warnings:
         cb.log(w)
+    fp = resume.fingerprint(cfg, prep.items)
+    if cb.resume is not None:
+        why = resume.mismatch(cb.resume, fp, prep.vectors, prep.start_step)
+        if why:
+            cb.log(f"weights: resuming from the vectors only: {why}")
+            cb.resume = None
+        else:
+            cb.log(f"weights: resuming exactly from step {prep.start_step}: optimizer moments, data order "
+                   "and noise continue where the saved run was")
     with model.training(cfg.gradient_checkpointing):
-        return _loop(cfg, model, cb, prep, seed)
+        return _loop(cfg, model, cb, prep, seed, fp)
 
 
-def _loop(cfg: TrainConfig, model: TrainableModel, cb: Callbacks, prep: Prepared, seed: int) -> TrainResult:
+def _loop(cfg: TrainConfig, model: TrainableModel, cb: Callbacks, prep: Prepared, seed: int,
+          fp: str) -> TrainResult:
     dev = model.device
     rng = random.Random(seed + cb.rank)  # prompts, flips: differ per process, repeat per seed
     gen = torch.Generator().manual_seed(seed + cb.rank)  # noise and timesteps, made on CPU so any device repeats
@@ -159,24 +191,44 @@ def _loop(cfg: TrainConfig, model: TrainableModel, cb: Callbacks, prep: Prepared
     vals: list[tuple[int, float]] = []
     good = {k: v.detach().clone() for k, v in vectors.items()}  # last finite vectors, restored on NaN
     status, message, output = "done", "", None
-    t0, steps_timed, accum, running, epoch = time.monotonic(), 0, 0, [], 0
+    t0, steps_timed, accum, running, epoch, pos = time.monotonic(), 0, 0, [], 0, 0
+    epoch_batches: list[list[int]] = []
+    cb.live.good, cb.live.step, cb.live.start_step = good, step, step
+    if cb.resume is not None:
+        r = cb.resume
+        optimizer.load_state_dict(r["optimizer"])
+        if r.get("scaler"):
+            scaler.load_state_dict(r["scaler"])
+        rng.setstate(r["rng"])
+        gen.set_state(r["gen"])
+        epoch, pos, vals = int(r["epoch"]), int(r["pos"]), [tuple(v) for v in r["vals"]]
+        epoch_batches = sampler.epoch(epoch) if epoch else []
+
+    def state() -> dict | None:
+        if status == "nan":  # the optimizer moved past the rolled-back vectors
+            return None
+        return {"fingerprint": fp, "seed": seed, "step": step, "epoch": epoch, "pos": pos, "rng": rng.getstate(),
+                "gen": gen.get_state(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                "vals": vals}
+
+    cb.live.state = state
 
     def snapshot() -> Embedding:
         return Embedding({k: v.detach() for k, v in vectors.items()}, step=step, name=cfg.name).detached()
 
-    if prep.validation is not None and step < max_steps:
+    if prep.validation is not None and step < max_steps and cb.resume is None:
         vals.append((step, validation_loss(model, cfg, prep.validation, vectors, alphas)))
 
-    batches = iter(())
     while step < max_steps:
         if cb.should_stop():
             status, message = "interrupted", f"interrupted at step {step}"
             break
-        batch = next(batches, None)
-        if batch is None:  # a new epoch
-            epoch += 1
-            batches = iter(sampler.epoch(epoch))
+        if pos >= len(epoch_batches):  # a new epoch
+            epoch, pos = epoch + 1, 0
+            epoch_batches = sampler.epoch(epoch)
             continue
+        batch = epoch_batches[pos]
+        pos += 1
         items = [prep.items[i] for i in batch]
         flips = [it.subset.flip_aug and rng.random() < 0.5 for it in items]
         latents, sizes = _latents(model, prep, batch, flips, rng)
@@ -214,15 +266,19 @@ def _loop(cfg: TrainConfig, model: TrainableModel, cb: Callbacks, prep: Prepared
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        if not all(torch.isfinite(v).all() for v in vectors.values()):
+        # the norm too: elements of 1e30 are finite, but their norm (and the host's fp16) overflow
+        if not all(torch.isfinite(v).all() and float(v.detach().norm(dim=-1).max()) <= MAX_NORM
+                   for v in vectors.values()):
             with torch.no_grad():
                 for k, v in vectors.items():
                     v.copy_(good[k])
-            status, message = "nan", f"the vectors became non-finite at step {step}; kept the last good ones"
+            status, message = "nan", (f"the update at step {step} made the vectors non-finite or overflowing "
+                                      "(learning rate too high?); kept the last good ones")
             break
         for k, v in vectors.items():
             good[k].copy_(v.detach())
         step += 1
+        cb.live.step = step
         steps_timed += 1
         losses.append((step, step_loss))
         val = None
@@ -235,7 +291,7 @@ def _loop(cfg: TrainConfig, model: TrainableModel, cb: Callbacks, prep: Prepared
             "training", step, max_steps, epoch, losses[-1][1], sum(recent) / len(recent), lr_for(step - 1),
             val if val is not None else (vals[-1][1] if vals else None),
             {k: v.detach().norm(dim=-1).tolist() for k, v in vectors.items()},
-            elapsed / steps_timed * (max_steps - step),
+            elapsed / steps_timed * (max_steps - step), validated=val is not None,
         ))
         if cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0 and step < max_steps:
             cb.on_checkpoint(snapshot(), False)

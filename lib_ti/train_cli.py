@@ -6,23 +6,25 @@ GPU; each draws its own batches and the vectors' gradients are averaged across p
 
 from __future__ import annotations
 
-import csv
+import contextlib
 import logging
 import os
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lib_ti import formats, outputs
+from lib_ti import formats, run, sample_prompts
 from lib_ti.config import ConfigError, TrainConfig, _literal
 from lib_ti.embedding import Embedding
-from lib_ti.prepare import PrepareError
-from lib_ti.train import Callbacks, Progress, TrainResult, run_training
+from lib_ti.prepare import PrepareError, check_data
+from lib_ti.train import Callbacks, Progress
 
 log = logging.getLogger("lib_ti")
-
 
 def parse_sets(pairs: list[str] | None) -> dict[str, Any]:
     out: dict[str, Any] = {}
@@ -44,11 +46,24 @@ def build_config(config_file: str | None, dataset_config: str | None, sets: list
 
 
 def pick_device(name: str) -> torch.device:
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
+    """auto, cpu, cuda, cuda:N or mps; ConfigError (exit 2) for anything this machine cannot run."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError({"device": f"'{name}' is not a device; use auto, cpu, cuda, cuda:N or mps"}) from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError({"device": f"'{name}': this torch has no CUDA device; use cpu or auto"})
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError({"device": f"'{name}': only {torch.cuda.device_count()} CUDA device(s) here"})
+    if dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ConfigError({"device": f"'{name}': MPS is not available here"})
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError({"device": f"'{name}' is not supported; use auto, cpu, cuda, cuda:N or mps"})
+    return dev
 
 
 def compute_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
@@ -58,62 +73,16 @@ def compute_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
     return torch.float16 if cfg.mixed_precision == "fp16" else torch.bfloat16
 
 
-class FolderSaver:
-    """Checkpoints as <output_dir>/<name>-<step>.<ext>, the final file as <name>.<ext>, and loss.csv."""
-
-    def __init__(self, cfg: TrainConfig):
-        self.cfg = cfg
-        self.dir = Path(cfg.output_dir or ".")
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.rows: list[tuple[int, float, float | str]] = []
-
-    def progress(self, p: Progress) -> None:
-        if p.phase == "training" and p.loss is not None:
-            self.rows.append((p.step, p.loss, p.val_loss if p.val_loss is not None else ""))
-
-    def checkpoint(self, emb: Embedding, final: bool) -> str:
-        path, fmt, token = outputs.output_file(self.cfg, None if final else emb.step, sdxl="clip_g" in emb.vectors)
-        path.parent.mkdir(exist_ok=True)  # the invokeai layout's <name>/ folder
-        emb.name = self.cfg.name
-        formats.save_embedding(emb, str(path), fmt, overwrite=True, token=token)
-        if final:
-            self.write_csv()
-        return str(path)
-
-    def final_path(self) -> Path:
-        return outputs.output_file(self.cfg)[0]
-
-    def write_csv(self) -> None:
-        with open(self.dir / "loss.csv", "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["step", "loss", "val_loss"])
-            w.writerows(self.rows)
-
-
-def _resuming(cfg: TrainConfig, path: Path) -> bool:
-    """Continuing from the final file itself may replace it; anything else must not overwrite."""
-    return bool(cfg.weights) and Path(cfg.weights).resolve() == path.resolve()
-
-
-def sample_prompts(cfg: TrainConfig) -> list[str]:
-    """sample_prompts: a file (one prompt a line, # comments) or the prompts themselves."""
-    text = cfg.sample_prompts.strip()
-    if text and "\n" not in text and Path(text).is_file():
-        text = Path(text).read_text(encoding="utf-8")
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")]
-    return lines or [f"a photo of {cfg.token_string}"]
-
-
 def render_samples(cfg: TrainConfig, model: Any, emb: Embedding, step: int) -> list[str]:
     """Previews into <output_dir>/sample/, as kohya does; the training size unless a line says."""
-    from lib_ti.family.preview import parse_prompt_line, render
+    from lib_ti.family.preview import render
 
     w, h = cfg.resolution_wh()
     out = Path(cfg.output_dir or ".") / "sample"
     out.mkdir(parents=True, exist_ok=True)
     paths = []
-    for i, line in enumerate(sample_prompts(cfg)):
-        opts = {"width": w, "height": h, "seed": max(cfg.seed, 0) + i, **parse_prompt_line(line)}
+    for i, prompt in enumerate(sample_prompts.parse(cfg)):
+        opts = {"width": w, "height": h, "seed": max(cfg.seed, 0) + i, **prompt}
         path = out / f"{cfg.name}-{step:06d}-{i}.png"
         render(model, cfg.token_string, emb.vectors, **opts).save(path)
         paths.append(str(path))
@@ -137,21 +106,39 @@ def distributed() -> tuple[int, int, Any]:
     return dist.get_rank(), world, all_reduce
 
 
-def train(cfg: TrainConfig) -> TrainResult:
-    from lib_ti.family.load import load_diffusers_model
-
+def check_before_loading(cfg: TrainConfig) -> tuple[torch.device, run.FolderOutputs]:
+    """Everything cheap, before the model loads: the name, the output folder, the device, the model
+    path and the data. Raises ConfigError/PrepareError (exit 2); creates nothing."""
     if not cfg.pretrained_model_name_or_path:
         raise ConfigError({"pretrained_model_name_or_path": "is required for the CLI: a local diffusers folder"})
+    out = run.FolderOutputs(cfg.output_dir)
+    if os.path.exists(out.final_dir) and not os.path.isdir(out.final_dir):
+        raise ConfigError({"output_dir": f"'{cfg.output_dir}' is a file, not a folder"})
+    run.check_names(out, cfg)
+    from lib_ti.family.load import check_model_path
+
+    try:  # its json files or header only: the weights load later
+        check_model_path(cfg.pretrained_model_name_or_path)
+    except ValueError as e:
+        raise ConfigError({"pretrained_model_name_or_path": (str(e).strip().splitlines() or [""])[0]}) from None
     device = pick_device(cfg.device)
-    model = load_diffusers_model(cfg.pretrained_model_name_or_path, device=device,
-                                 dtype=compute_dtype(cfg, device), clip_skip=cfg.clip_skip,
-                                 v_parameterization=cfg.v_parameterization or None)
-    saver = FolderSaver(cfg)
-    final = saver.final_path()
-    # checked before training, not after: a finished run must never fail on its last write
-    if final.exists() and not cfg.overwrite and not _resuming(cfg, final):
-        raise PrepareError("output_name", f"{final} already exists; choose another output_name or set overwrite")
+    check_data(cfg)
+    return device, out
+
+
+def train(cfg: TrainConfig, stop: Any = None) -> run.RunResult:
+    from lib_ti.family.load import load_diffusers_model
+
+    device, out = check_before_loading(cfg)
+    try:
+        model = load_diffusers_model(cfg.pretrained_model_name_or_path, device=device,
+                                     dtype=compute_dtype(cfg, device), clip_skip=cfg.clip_skip,
+                                     v_parameterization=cfg.v_parameterization or None)
+    except (ValueError, OSError) as e:  # not a model folder, a damaged file: the user's input
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise ConfigError({"pretrained_model_name_or_path": f"cannot load a model from it: {first}"}) from None
     rank, world, reduce = distributed()
+    out.write_files = rank == 0
     if world > 1 and cfg.seed < 0:
         # every process must start from the same seed: same latents, same validation batch
         import random
@@ -164,12 +151,11 @@ def train(cfg: TrainConfig) -> TrainResult:
     last = {"pct": -1}
 
     def progress(p: Progress) -> None:
-        saver.progress(p)
         if rank != 0:
             return
         if p.phase == "training" and p.max_steps:
             pct = p.step * 20 // p.max_steps
-            if pct != last["pct"] or p.val_loss is not None and p.step % max(1, cfg.validation_every_n_steps) == 0:
+            if pct != last["pct"] or p.validated:
                 last["pct"] = pct
                 val = f" val {p.val_loss:.4f}" if p.val_loss is not None else ""
                 print(f"step {p.step}/{p.max_steps} loss {p.loss:.4f}{val} lr {p.lr:.2e} eta {p.eta_s or 0:.0f}s",
@@ -183,16 +169,37 @@ def train(cfg: TrainConfig) -> TrainResult:
                 print(f"preview: {path}", flush=True)
 
     cb = Callbacks(
-        progress=progress,
-        on_sample=sample,
-        on_checkpoint=lambda emb, final: saver.checkpoint(emb, final) if rank == 0 else None,
+        progress=progress, on_sample=sample, should_stop=lambda: bool(stop and stop.get("signal")),
         log=lambda msg: print(f"note: {msg}", flush=True) if rank == 0 else None,
         all_reduce=reduce, rank=rank, world_size=world,
     )
-    return run_training(cfg, model, cb)
+    return run.run(cfg, model, out, cb)
+
+
+@contextlib.contextmanager
+def graceful_signals(stop: dict[str, Any]) -> Iterator[None]:
+    """Ctrl-C or SIGTERM: finish the step, save what was learned, and exit non-zero. A second
+    Ctrl-C aborts at once (the run layer still keeps the vectors in a recovery file)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, _frame: Any) -> None:
+        stop["signal"] = signum
+        print(f"\n{signal.Signals(signum).name}: stopping after this step and saving what was learned "
+              "(Ctrl-C again aborts)", file=sys.stderr, flush=True)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 def main(args: Any) -> int:
+    stop: dict[str, Any] = {}
     try:
         cfg = build_config(args.config_file, args.dataset_config, getattr(args, "set", None))
         if cfg.debug_dataset:  # kohya: show the dataset and exit, without loading the model
@@ -200,9 +207,22 @@ def main(args: Any) -> int:
 
             print(debug_dataset(cfg))
             return 0
-        result = train(cfg)
-    except (ConfigError, PrepareError, formats.FormatError) as e:
+        with graceful_signals(stop):
+            result = train(cfg, stop)
+    except ConfigError as e:  # one line, naming every field
+        print("error: " + "; ".join(f"{k}: {v}" for k, v in e.errors.items()), file=sys.stderr)
+        return 2
+    except PrepareError as e:
+        print(f"error: {e.field}: {e}", file=sys.stderr)
+        return 2
+    except formats.FormatError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    for_user = result.error or result.message
+    if result.status == "failed":
+        print(f"error: {for_user}", file=sys.stderr)
+        return 2 if result.error_field else 1
     print(f"{result.status}: {result.message}; saved {result.output}")
-    return 0 if result.status in ("done", "auto_stopped", "interrupted") else 1
+    if stop.get("signal"):
+        return 128 + int(stop["signal"])  # as a shell reports the signal, with the file written
+    return 0

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from lib_ti import formats
+from lib_ti import files, formats
 from lib_ti.embedding import Embedding
 from lib_ti.formats import FormatError, OverwriteError
 
@@ -357,7 +357,8 @@ def test_temp_file_sits_beside_the_target_and_hosts_skip_it(tmp_path, monkeypatc
     formats.write_safetensors(sd1(), tmp_path / "e.safetensors")
     (src, dst), = seen
     # same folder (so the rename is atomic) and not *.safetensors/*.pt (so a reload never reads half a file)
-    assert Path(src).parent == tmp_path and src.endswith(".tmp") and Path(dst) == tmp_path / "e.safetensors"
+    assert Path(src).parent == tmp_path and Path(dst) == tmp_path / "e.safetensors"
+    assert files.loadable_stem(Path(src).name) is None
 
 
 def test_interrupt_mid_write_cleans_up(tmp_path, monkeypatch):

@@ -51,3 +51,21 @@ def test_readme_explains_every_option_and_the_test_command():
     assert not missing, missing
     assert "bash tests/run.sh" in readme
     assert "bash tests/run.sh" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_the_loop_the_run_layer_and_the_webui_never_import_diffusers_or_transformers():
+    """Only the diffusers backend (lib_ti/family) may: the WebUI trains the host's own model objects."""
+    core = ["train.py", "prepare.py", "run.py", "resume.py", "files.py", "sample_prompts.py"]
+    paths = [ROOT / "lib_ti" / f for f in core] + sorted((ROOT / "lib_ti" / "webui").glob("*.py"))
+    offenders = {str(p.relative_to(ROOT)): sorted(n for n in imported(p) if n.split(".")[0] in {"diffusers",
+                                                                                              "transformers"})
+                 for p in paths}
+    assert not {k: v for k, v in offenders.items() if v}
+    # nor through what they import (run in a fresh interpreter: this one may have loaded them already)
+    import subprocess
+    import sys
+
+    mods = "lib_ti.run, lib_ti.train, lib_ti.prepare, lib_ti.webui.job, lib_ti.webui.host_model"
+    code = f"import sys; import {mods}; print(sorted(m for m in sys.modules if m in ('diffusers', 'transformers')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr + out.stdout

@@ -117,8 +117,8 @@ def test_every_option_is_reachable_with_stable_labels_and_ids(host):
     t = Tab()
     reachable = set(t.ui.form) | set(PROMPT_SOURCE_FIELDS)
     missing = [f for f in TrainConfig.field_names() if f not in reachable and f not in CLI_ONLY]
-    assert missing == ["save_model_as"]  # the WebUI always writes safetensors (job.make_config)
-    assert set(UI_FIXED) - set(CLI_ONLY) == {"save_model_as"}
+    assert missing == []  # save_model_as too: the WebUI writes .pt on request (job.make_config)
+    assert set(UI_FIXED) == set(CLI_ONLY)
 
     ours = [b for b in t.demo.blocks.values() if getattr(b, "elem_id", None)]
     assert all(b.elem_id.startswith("ti_trainer_") for b in ours), [b.elem_id for b in ours]

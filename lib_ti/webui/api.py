@@ -53,6 +53,7 @@ class TaskInfo(BaseModel):
     eta_s: float | None = None
     output: str | None = None
     error: str | None = None
+    recovery: str | None = None  # where a failed run kept its vectors
 
 
 class InterruptResult(BaseModel):
@@ -301,7 +302,7 @@ def post_train(body: dict[str, Any] = _BODY) -> dict[str, Any]:
                 cfg = job.make_config(values)  # raises naming every bad field
                 busy = _busy_with(cfg.name)
                 if busy is None:
-                    return {"task_id": job.api_submit(values, preview).id}
+                    return {"task_id": job.api_submit(values, preview, cfg).id}  # the config built once
             key = "output_name" if cfg.output_name else "token_string"
             raise unprocessable({(key,): busy})
         # still run the config check on the rest, so one answer names every bad field

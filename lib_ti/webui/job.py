@@ -6,31 +6,55 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import threading
 import traceback
+import uuid
 from typing import Any
 
 import torch
 
-from lib_ti import formats
+from lib_ti import files, formats, resume, run, sample_prompts
 from lib_ti.config import ConfigError, TrainConfig
 from lib_ti.embedding import Embedding
+from lib_ti.files import RESERVED
 from lib_ti.prepare import PrepareError
 from lib_ti.tokens import TokenError, check_token_string
-from lib_ti.train import Callbacks, Progress, run_training
+from lib_ti.train import Callbacks, Progress
 from lib_ti.webui import card, host, host_model
 from lib_ti.webui.tasks import REGISTRY, Task
 
 log = logging.getLogger("lib_ti")
 
 # Options the WebUI decides itself; the CLI-only ones make no sense with a borrowed model.
-HOST_FIXED = ("pretrained_model_name_or_path", "device", "v2", "output_dir")
+HOST_FIXED = TrainConfig.host_decided()
 PREVIEW_KEYS = ("prompt", "negative_prompt", "steps", "sampler_name", "cfg_scale", "seed", "width", "height")
 
 
+class HostOutputs(run.Outputs):
+    """Final files published into the host's embeddings folder (any subfolder counts for names),
+    checkpoints, previews and recovery files in the run's log folder."""
+
+    recursive = True
+
+    def __init__(self, cfg: TrainConfig, task: Task | None = None, preview: dict[str, Any] | None = None):
+        self.final_dir, self.log_dir, self.task = host_model.embeddings_dir(), cfg.output_dir, task
+        self.preview = preview
+
+    def saved(self, path: str, emb: Embedding, cfg: TrainConfig, final: bool, published: bool) -> None:
+        if self.task is None:
+            return
+        if not final:
+            REGISTRY.update(self.task.id, checkpoints=[*self.task.checkpoints, (emb.step, path)])
+        elif published:  # the host reloads, and we check it loaded this very file
+            host_model.reload_embeddings()
+            ok, message = host_model.host_load_check(cfg.name, emb.num_vectors, path=path)
+            REGISTRY.update(self.task.id, load_check=("ok: " if ok else "NOT LOADED: ") + message)
+            REGISTRY.update(self.task.id, notes=[*self.task.notes,
+                                                 *card.write_card(self.task, emb, path, cfg, self.preview)])
+
+
 def final_path(cfg: TrainConfig) -> str:
-    return os.path.join(host_model.embeddings_dir(), f"{cfg.name}.safetensors")
+    return HostOutputs(cfg).final_path(cfg)
 
 
 def token_problem(token: Any) -> dict[str, str]:
@@ -64,39 +88,64 @@ def make_config(values: dict[str, Any]) -> TrainConfig:
     bad_token = token_problem(cfg.token_string)
     if bad_token:
         raise ConfigError(bad_token)
-    cfg = cfg.replace(output_dir=host.log_dir(cfg.name), save_model_as="safetensors")
-    path = final_path(cfg)
-    resuming = bool(cfg.weights) and os.path.abspath(cfg.weights) == os.path.abspath(path)
-    if os.path.exists(path) and not cfg.overwrite and not resuming:
-        raise ConfigError({"token_string": f"an embedding named '{cfg.name}' already exists ({path}); "
-                           "pick another name, resume from it, or tick 'Overwrite'"})
+    if cfg.save_model_as == "invokeai":
+        raise ConfigError({"save_model_as": "the invokeai folder layout is for the CLI; the WebUI loads "
+                           "safetensors or pt"})
+    if cfg.save_model_as == "pt" and _host_family() == "sdxl":
+        raise ConfigError({"save_model_as": "an SDXL embedding (clip_l + clip_g) cannot be stored in A1111's .pt "
+                           "layout; use safetensors"})
+    cfg = cfg.replace(output_dir=host.log_dir(cfg.name))
+    run.check_names(HostOutputs(cfg), cfg)
     return cfg
+
+
+def _host_family() -> str | None:
+    try:
+        return host_model.family_of(host_model.sd_model())
+    except Exception:  # no model loaded: the run itself reports why
+        return None
+
+
+def _reserve(cfg: TrainConfig, task_id: str) -> None:
+    """Hold the name from submit to the end of the run, across the tab and the API."""
+    holder = RESERVED.take(host_model.embeddings_dir(), cfg.name, task_id)
+    if holder is not None:
+        raise ConfigError({run.name_field(cfg): f"a run writing '{cfg.name}' is already queued or running "
+                           f"({holder}); wait for it or pick another name"})
+
+
+def _release(cfg: TrainConfig, task: Task) -> None:
+    try:
+        RESERVED.release(host_model.embeddings_dir(), cfg.name, task.id)
+    except Exception:
+        log.exception("releasing the name %s", cfg.name)
 
 
 def execute(task: Task, cfg: TrainConfig, preview: dict[str, Any] | None = None,
             clip_skip: int | None = None) -> Task:
-    """Run under the host's queue lock with shared.state begun (the callers see to that)."""
-    REGISTRY.update(task.id, status="running")
-    os.makedirs(cfg.output_dir, exist_ok=True)
+    """Run under the host's queue lock with shared.state begun (the callers see to that). Everything
+    happens inside the error handling: the task always ends done, failed or interrupted."""
     try:
+        REGISTRY.update(task.id, status="running")
         model = host_model.borrow(clip_skip=clip_skip)
         if model.dtype == torch.float16 and cfg.mixed_precision == "no":
             # the host keeps fp16 weights: without autocast and loss scaling, small gradients
             # underflow to zero (the host's own trainer always scales)
             cfg = cfg.replace(mixed_precision="fp16")
             REGISTRY.update(task.id, notes=[*task.notes, "the model is fp16: training with fp16 mixed precision"])
-        result = run_training(cfg, model, _callbacks(task, cfg, preview))
+        result = run.run(cfg, model, HostOutputs(cfg, task, preview), _callbacks(task, cfg, preview),
+                         host_model.checkpoint_ids())
+        REGISTRY.update(task.id, status=result.status, step=result.step, output=result.output,
+                        message=result.message, error=result.error, recovery=result.recovery)
     except (ConfigError, PrepareError, formats.FormatError, host_model.HostError) as e:
         REGISTRY.update(task.id, status="failed", error=str(e))
-        return task
     except Exception as e:  # shown in the tab and the API; the traceback goes to the console
         log.error("training failed:\n%s", traceback.format_exc())
         REGISTRY.update(task.id, status="failed", error=f"{type(e).__name__}: {e}")
-        return task
-    status = {"done": "done", "auto_stopped": "done", "interrupted": "interrupted"}.get(result.status, "failed")
-    REGISTRY.update(task.id, status=status, step=result.step, output=result.output, message=result.message,
-                    error=None if status != "failed" else result.message,
-                    notes=task.notes + [f"{w}" for w in result.warnings if w not in task.notes])
+    finally:
+        if task.status in ("queued", "running"):  # a BaseException: still never a ghost task
+            REGISTRY.update(task.id, status="failed", error=task.error or "the run ended without a result")
+        _release(cfg, task)
     return task
 
 
@@ -116,23 +165,10 @@ def _callbacks(task: Task, cfg: TrainConfig, preview: dict[str, Any] | None) -> 
         REGISTRY.update(task.id, message=p.message or task.message, **changes)
         host.report(p.step, p.max_steps, _textinfo(p))
 
-    def checkpoint(emb: Embedding, final: bool) -> str | None:
-        emb.name = cfg.name
-        emb.metadata.update({"trainer": "sd-webui-ti-trainer", "token": cfg.token_string})
-        emb.sd_checkpoint, emb.sd_checkpoint_name = host_model.checkpoint_ids()
-        if not final:
-            path = os.path.join(cfg.output_dir, f"{cfg.name}-{emb.step}.safetensors")
-            formats.save_embedding(emb, path, "safetensors", overwrite=True)
-            REGISTRY.update(task.id, checkpoints=[*task.checkpoints, (emb.step, path)])
-            return path
-        path = publish(task, emb, final_path(cfg), overwrite=True)
-        REGISTRY.update(task.id, notes=[*task.notes, *card.write_card(task, emb, path, cfg, preview)])
-        return path
-
     def sample(step: int, emb: Embedding) -> None:
         prompts = _preview_prompts(cfg, preview)
-        for i, prompt in enumerate(prompts):
-            image = host.render_preview(**{**(preview or {}), "prompt": prompt})
+        for i, opts in enumerate(prompts):
+            image = host.render_preview(**{**(preview or {}), **opts})
             if image is None:
                 continue
             path = os.path.join(cfg.output_dir, "images", f"{cfg.name}-{step}-{i}.png")
@@ -146,26 +182,24 @@ def _callbacks(task: Task, cfg: TrainConfig, preview: dict[str, Any] | None) -> 
         REGISTRY.update(task.id, notes=[*task.notes, msg])
 
     return Callbacks(progress=progress, should_stop=lambda: task.stop or host.stop_requested(),
-                     on_checkpoint=checkpoint, on_sample=sample, log=note)
+                     on_sample=sample, log=note)
 
 
-def _preview_prompts(cfg: TrainConfig, preview: dict[str, Any] | None) -> list[str]:
+def _preview_prompts(cfg: TrainConfig, preview: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The tab's txt2img prompt wins; else `sample_prompts` with kohya's per-line options, as the CLI."""
     if preview and preview.get("prompt"):
-        return [preview["prompt"]]
-    lines = [ln.strip() for ln in (cfg.sample_prompts or "").splitlines() if ln.strip()]
-    if len(lines) == 1 and os.path.isfile(lines[0]):
-        with open(lines[0], encoding="utf-8") as f:
-            lines = [ln.strip() for ln in f if ln.strip() and not ln.startswith("#")]
-    return lines or [f"a photo of {cfg.token_string}"]
+        return [{"prompt": preview["prompt"]}]
+    return [{k: v for k, v in p.items() if k in PREVIEW_KEYS} for p in sample_prompts.parse(cfg)]
 
 
 def publish(task: Task | None, emb: Embedding, path: str, overwrite: bool) -> str:
     """Write at the top level of the embeddings folder (atomic, so the folder's mtime changes and
     hosts notice), force the host to reload, and check that it loaded what we wrote."""
-    formats.save_embedding(emb, path, "safetensors", overwrite=overwrite)
+    fmt = "a1111-pt" if path.lower().endswith(".pt") else "safetensors"
+    formats.save_embedding(emb, path, fmt, overwrite=overwrite)
     host_model.reload_embeddings()
     name = os.path.splitext(os.path.basename(path))[0]
-    ok, message = host_model.host_load_check(name, emb.num_vectors)
+    ok, message = host_model.host_load_check(name, emb.num_vectors, path=path)
     if task is not None:
         REGISTRY.update(task.id, load_check=("ok: " if ok else "NOT LOADED: ") + message)
     return path
@@ -174,12 +208,20 @@ def publish(task: Task | None, emb: Embedding, path: str, overwrite: bool) -> st
 def publish_checkpoint(checkpoint_path: str, overwrite: bool = False) -> str:
     """The tab's one-click publish of `<name>-<step>` from the log folder into the embeddings folder.
     While a run holds the model, only the file is copied; the run's final reload picks it up."""
-    dest = os.path.join(host_model.embeddings_dir(), os.path.basename(checkpoint_path))
-    if os.path.exists(dest) and not overwrite:
-        raise FileExistsError(f"{dest} already exists")
-    tmp = dest + ".tmp"
-    shutil.copyfile(checkpoint_path, tmp)
-    os.replace(tmp, dest)
+    folder = host_model.embeddings_dir()
+    dest = os.path.join(folder, os.path.basename(checkpoint_path))
+    stem = os.path.splitext(os.path.basename(dest))[0]
+    twins = [p for p in files.files_named(folder, stem) if not files.same_file(p, dest)]
+    if twins:
+        raise FileExistsError(f"an embedding named '{stem}' already exists as {twins[0]}")
+    with open(checkpoint_path, "rb") as f:
+        data = f.read()
+    files.atomic_write([(dest, lambda out: out.write(data))], overwrite=overwrite)
+    state = resume.state_path(checkpoint_path)
+    if os.path.isfile(state):  # so that resuming from the published file is exact too
+        with open(state, "rb") as f:
+            blob = f.read()
+        files.atomic_write([(resume.state_path(dest), lambda out: out.write(blob))], overwrite=True)
     if not any(t.status == "running" for t in REGISTRY.all()):
         host_model.reload_embeddings()
     return dest
@@ -196,37 +238,51 @@ def _textinfo(p: Progress) -> str:
     return " · ".join(x for x in parts if x)
 
 
-def api_submit(values: dict[str, Any], preview: dict[str, Any] | None = None) -> Task:
-    """Validate now (so the API can answer 422), then queue behind the host's lock in a thread."""
-    cfg = make_config(values)
+def api_submit(values: dict[str, Any], preview: dict[str, Any] | None = None,
+               cfg: TrainConfig | None = None) -> Task:
+    """Validate now (so the API can answer 422), reserve the name, then queue behind the host's
+    lock in a thread. `cfg`: the config the caller already built from `values`."""
+    cfg = cfg or make_config(values)
     clip_skip = None if host_clip_skip(values) else cfg.clip_skip
-    task = REGISTRY.create(cfg.name)
+    task_id = f"ti-{uuid.uuid4().hex[:12]}"
+    _reserve(cfg, task_id)
+    task = REGISTRY.create(cfg.name, task_id=task_id)
     REGISTRY.update(task.id, notes=cfg.notes())
 
-    def run() -> None:
-        with host.queued_job(task.id):
-            if task.stop:
-                REGISTRY.update(task.id, status="interrupted", message="interrupted before it started")
-                return
-            execute(task, cfg, preview, clip_skip)
+    def work() -> None:
+        try:
+            with host.queued_job(task.id):
+                if task.stop:
+                    REGISTRY.update(task.id, status="interrupted", message="interrupted before it started")
+                    return
+                execute(task, cfg, preview, clip_skip)
+        except Exception as e:  # the queue itself failed: still end the task and free the name
+            REGISTRY.update(task.id, status="failed", error=f"{type(e).__name__}: {e}")
+        finally:
+            if task.status in ("queued", "running"):
+                REGISTRY.update(task.id, status="failed", error="the run ended without a result")
+            _release(cfg, task)
 
-    threading.Thread(target=run, name=f"ti-trainer {task.id}", daemon=True).start()
+    threading.Thread(target=work, name=f"ti-trainer {task.id}", daemon=True).start()
     return task
 
 
 def ui_train(id_task: str, values: dict[str, Any], preview: dict[str, Any] | None) -> Task:
     """The tab's handler body; wrap_gradio_gpu_call already holds the queue lock and began the job."""
     cfg = make_config(values)
+    _reserve(cfg, id_task)
     task = REGISTRY.create(cfg.name, task_id=id_task)
     REGISTRY.update(task.id, notes=cfg.notes())
     return execute(task, cfg, preview, None if host_clip_skip(values) else cfg.clip_skip)
 
 
 def interrupt(task_id: str) -> bool:
+    """Stop a queued or running task. The host's interrupt (which also stops a preview render) is
+    touched only when this task is the host's current job, never for another one."""
     task = REGISTRY.get(task_id)
     if task is None:
         return False
     ok = REGISTRY.request_stop(task_id)
-    if ok and task.status == "running":
-        host.state().interrupt()  # also stops a preview render in progress
+    if ok and task.status == "running" and getattr(host.state(), "job", None) == task.id:
+        host.state().interrupt()
     return ok

@@ -95,7 +95,7 @@ def build_contents(txt2img: list) -> TabUI:
                                                     elem_classes=["tool", "ti-trainer-tool"])
                 ui.form["overwrite"] = component("overwrite")
             with gr.Accordion("More token options", open=False):
-                _row("output_name", "init_word_spread", ui=ui)
+                _row("output_name", "init_word_spread", "save_model_as", ui=ui)
 
         with gr.Accordion("Data", open=True, elem_id="ti_trainer_group_data"):
             _row("train_data_dir", "caption_extension", ui=ui)

@@ -25,6 +25,7 @@ class Task:
     error: str | None = None
     message: str = ""
     load_check: str = ""
+    recovery: str | None = None  # where a failed run kept its vectors
     created: float = field(default_factory=time.time)
     losses: list[tuple[int, float]] = field(default_factory=list)
     val_losses: list[tuple[int, float]] = field(default_factory=list)
@@ -36,7 +37,7 @@ class Task:
 
     def public(self) -> dict[str, Any]:
         """The API's task body."""
-        keys = ("status", "step", "max_steps", "loss", "val_loss", "eta_s", "output", "error")
+        keys = ("status", "step", "max_steps", "loss", "val_loss", "eta_s", "output", "error", "recovery")
         return {"task_id": self.id, "name": self.name, **{k: getattr(self, k) for k in keys}}
 
     def detail(self) -> dict[str, Any]:

@@ -17,17 +17,16 @@ from lib_ti.config import OPTIMIZERS, TrainConfig
 from lib_ti.webui import settings
 
 PREFIX = "ti_trainer_"
-# Decided by the WebUI: the loaded checkpoint is the model, the host's folders are the output,
-# and the WebUI always writes safetensors (newer torch's .pt is refused by A1111's unpickler).
-UI_FIXED = ("pretrained_model_name_or_path", "device", "v2", "output_dir", "save_model_as",
-            "debug_dataset")  # the tab's Dataset preview is its debug_dataset
+# Decided by the WebUI (tagged in TrainConfig): the loaded checkpoint is the model, the host's
+# folders are the output.
+UI_FIXED = TrainConfig.host_decided()
 
 LABELS = {
     # token
     "token_string": "Token string", "init_word": "Initialization word",
     "num_vectors_per_token": "Vectors per token", "weights": "Resume from embedding",
     "overwrite": "Overwrite an existing embedding", "output_name": "Output file name",
-    "init_word_spread": "Spread a multi-token init text",
+    "init_word_spread": "Spread a multi-token init text", "save_model_as": "File format",
     # data
     "train_data_dir": "Dataset directory", "caption_extension": "Caption extension",
     "template_file": "A1111 template", "shuffle_caption": "Shuffle tags",

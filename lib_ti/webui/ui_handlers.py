@@ -63,6 +63,9 @@ def status_html(task: Task | None) -> str:
         extra += f'<div>Saved <code>{html.escape(task.output)}</code></div>'
     if task.error:
         extra += message_html(task.error)
+    if task.recovery:
+        extra += (f'<div class="ti-trainer-recovery">The trained vectors are kept in <code>{html.escape(task.recovery)}'
+                  "</code>: resume from it, or copy it into the embeddings folder.</div>")
     if task.notes:
         notes = "".join(f"<li>{html.escape(n)}</li>" for n in task.notes)
         extra += f"<details><summary>{len(task.notes)} note(s)</summary><ul>{notes}</ul></details>"
@@ -166,7 +169,14 @@ def publish(name: str | None, overwrite: bool) -> str:
 
 
 def embedding_choices() -> list[str]:
-    return [NEW_EMBEDDING, *list_embeddings(_embeddings_dir())]
+    """The embeddings folder, then this session's checkpoints and recovery files (full paths), so
+    an interrupted or failed run can be resumed from where it stopped."""
+    recent = []
+    for task in REGISTRY.all():
+        for path in [task.recovery, *(p for _s, p in reversed(task.checkpoints))]:
+            if path and path not in recent and os.path.isfile(path):
+                recent.append(path)
+    return [NEW_EMBEDDING, *list_embeddings(_embeddings_dir()), *recent]
 
 
 def _embeddings_dir() -> str | None:
