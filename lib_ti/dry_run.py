@@ -25,12 +25,8 @@ def debug_dataset(cfg: TrainConfig, samples: int = SAMPLES) -> str:
         field = "dataset_config" if cfg.dataset_config else "train_data_dir"
         spec = dataset_spec(cfg)
         scan = data.scan(spec)
-    except (OSError, data.DataError) as e:
-        raise PrepareError(field, f"{field}: {e}") from None
-    except PrepareError as e:  # dataset_spec's own checks
-        if str(e).startswith(f"{e.field}: "):
-            raise
-        raise PrepareError(e.field, f"{e.field}: {e}") from None
+    except (OSError, data.DataError) as e:  # the CLI prints the field before the message
+        raise PrepareError(field, str(e)) from None
     rng = random.Random(cfg.seed if cfg.seed >= 0 else 0)
     lines = [f"debug_dataset: {len(scan.items)} images, resolution {spec.resolution[1]}x{spec.resolution[0]}, "
              f"{'buckets' if spec.enable_bucket else 'one size'}, "

@@ -112,6 +112,7 @@ def test_debug_dataset_errors_name_the_option(tmp_path, capsys):
         code = cli.main(["train", *common, *extra])
         err = capsys.readouterr().err.strip()
         assert code == 2 and err.startswith(f"error: {field}: ") and "\n" not in err, err
+        assert err.count(f"{field}:") == 1, err  # said once
 
 
 @pytest.mark.parametrize("ext", ["/../../etc/passwd", "../x", "a/b", ".txt/..", "..txt", "", ".t\0xt"])

@@ -46,7 +46,7 @@ def _variant(src: Path, dst: Path, edit=None, yaml: str | None = None) -> Path:
 
 def _one_line(e: pytest.ExceptionInfo) -> str:
     text = str(e.value)
-    assert "\n" not in text and text.startswith("pretrained_model_name_or_path: ")
+    assert "\n" not in text and e.value.field == "pretrained_model_name_or_path"
     return text
 
 
@@ -250,7 +250,8 @@ def test_cli_exit_2_and_one_line(sd1, tmp_path, capsys):
                          "--set", f"output_dir={tmp_path / 'out'}", "--set", f"token_string={TOKEN}",
                          "--set", "resolution=64", "--set", "max_train_steps=1"])
         err = capsys.readouterr().err.strip()
-        assert code == 2 and err.count("\n") == 0 and err.startswith("error: pretrained_model_name_or_path"), err
+        assert code == 2 and err.count("\n") == 0 and err.startswith("error: pretrained_model_name_or_path: "), err
+        assert err.count("pretrained_model_name_or_path") == 1, err  # said once
 
 
 def test_oversized_yaml_is_not_read(sd1, tmp_path):

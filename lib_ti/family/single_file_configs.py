@@ -79,10 +79,11 @@ TEXT_PREFIXES = {"sd1": (SD1_TEXT,), "sd2": (SD2_TEXT,), "sdxl": (SDXL_L_TEXT, S
 
 
 class CheckpointError(PrepareError):
-    """A checkpoint that cannot be used, said about `pretrained_model_name_or_path` (CLI exit 2)."""
+    """A checkpoint that cannot be used, said about `pretrained_model_name_or_path` (CLI exit 2;
+    the CLI puts the field name before the message)."""
 
     def __init__(self, message: str):
-        super().__init__("pretrained_model_name_or_path", f"pretrained_model_name_or_path: {message}")
+        super().__init__("pretrained_model_name_or_path", message)
 
 
 @dataclass
