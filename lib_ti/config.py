@@ -164,9 +164,7 @@ class TrainConfig:
         cfg = cls(**kwargs)
         # report type errors and range/consistency errors together, so a form can mark every field
         said = {config_compat.INVOKEAI_ALIASES.get(k) for k in errors}  # a field already wrong under its alias
-        for k, v in cfg.problems().items():
-            if k not in said:
-                errors.setdefault(k, v)
+        errors.update({k: v for k, v in cfg.problems().items() if k not in said and k not in errors})
         if errors:
             raise ConfigError(errors)
         return cfg
@@ -219,13 +217,8 @@ class TrainConfig:
             numeric = isinstance(v, (int, float)) and not isinstance(v, bool)
             if numeric and (not math.isfinite(v) or (lo is not None and v < lo) or (hi is not None and v > hi)):
                 errors[f.name] = f"{v} is out of range {_range(lo, hi)}"
-        if not self.token_string.strip():
-            errors["token_string"] = "is required: the word you will type in prompts"
-        elif not config_compat.SAFE_TOKEN.match(self.token_string):  # at submit, not after the model loads
-            hint = (" (write it without InvokeAI's <brackets>, or give it as placeholder_token)"
-                    if config_compat.strip_token(self.token_string) != self.token_string.strip() else "")
-            errors["token_string"] = (f"'{self.token_string}' may contain only letters, digits, '_', '-' and '.' "
-                                      f"(it is also the file name){hint}")
+        if why := config_compat.token_problem(self.token_string):  # at submit, not after the model loads
+            errors["token_string"] = why
         try:
             parse_piecewise(self.learning_rate)
         except ValueError as e:
@@ -247,8 +240,8 @@ class TrainConfig:
             errors["random_crop"] = "needs cache_latents off: a cached latent cannot be re-cropped"
         if self.min_bucket_reso > self.max_bucket_reso:
             errors["min_bucket_reso"] = f"{self.min_bucket_reso} is larger than max_bucket_reso"
-        if config_compat.check_caption_extension(self.caption_extension):
-            errors["caption_extension"] = config_compat.check_caption_extension(self.caption_extension)
+        if why := config_compat.check_caption_extension(self.caption_extension):
+            errors["caption_extension"] = why
         if self.cache_latents_to_disk and not self.cache_latents:
             errors["cache_latents_to_disk"] = "needs cache_latents on"
         for arg in self.optimizer_args:

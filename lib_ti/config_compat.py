@@ -106,6 +106,17 @@ _CKPT = re.compile(r"^(?:learned_embeds-steps-|(?P<name>.+)-)(?P<step>\d+)\.(?:s
 _CAPTION_EXTENSION = re.compile(r"^\.?[A-Za-z0-9_\-][A-Za-z0-9_.\-]*$")  # a suffix, never a path
 
 
+def token_problem(token: str) -> str | None:
+    """Why `token` cannot be the trained word (it is also the file name), or None."""
+    if not token.strip():
+        return "is required: the word you will type in prompts"
+    if SAFE_TOKEN.match(token):
+        return None
+    hint = (" (write it without InvokeAI's <brackets>, or give it as placeholder_token)"
+            if strip_token(token) != token.strip() else "")
+    return f"'{token}' may contain only letters, digits, '_', '-' and '.' (it is also the file name){hint}"
+
+
 def check_caption_extension(ext: Any) -> str | None:
     """Why `ext` cannot be a caption extension (it is joined to each image's name), or None."""
     if not isinstance(ext, str) or not _CAPTION_EXTENSION.match(ext) or ".." in ext:
