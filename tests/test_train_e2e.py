@@ -122,6 +122,19 @@ def test_nan_keeps_last_good_vectors(tiny_sd1, tmp_path):
     assert all(torch.isfinite(v).all() for v in result.embedding.vectors.values())
 
 
+def test_guard_keeps_a_good_update_and_rolls_back_an_overflowing_one():
+    from lib_ti.train import guard_update
+
+    good = {"clip_l": torch.zeros(2, 4), "clip_g": torch.zeros(2, 8)}
+    vectors = {"clip_l": torch.ones(2, 4), "clip_g": torch.ones(2, 8)}
+    assert guard_update(vectors, good) and all(torch.equal(good[k], vectors[k]) for k in good)
+    vectors["clip_g"][1, 0] = 1e30  # finite, but its norm overflows float16 (and float32 squares)
+    assert not guard_update(vectors, good)
+    assert all(torch.equal(vectors[k], torch.ones_like(vectors[k])) for k in vectors)  # both slots rolled back
+    vectors["clip_l"][0, 0] = float("nan")
+    assert not guard_update(vectors, good) and torch.isfinite(vectors["clip_l"]).all()
+
+
 def test_interrupt_saves_what_it_has(tiny_sd1, tmp_path):
     saved: list = []
     steps = []
