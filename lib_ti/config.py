@@ -67,9 +67,8 @@ class TrainConfig:
     num_vectors_per_token: int = _opt(1, "vectors the token stands for", lo=1, hi=75)
     weights: str = _opt("", "resume from this embedding file (continues from its saved step)")
     # --- prompts ---
-    prompt_source: str = _opt("auto", "without a template below: auto (each image's caption, the object template "
-                              "for an image without one) or captions (kohya: captions only)",
-                              choices=("auto", "captions"))
+    prompt_source: str = _opt("auto", "unless a template below is set: auto (each image's caption; the object "
+                              "template for an image without one) or captions (kohya)", choices=("auto", "captions"))
     use_object_template: bool = _opt(False, "ignore captions; use 'a photo of a {token}'-style prompts")
     use_style_template: bool = _opt(False, "ignore captions; use 'a painting in the style of {token}' prompts")
     template_file: str = _opt("", "A1111 template: a file, or subject/style/subject_filewords/style_filewords/none")
@@ -237,9 +236,6 @@ class TrainConfig:
             errors["train_data_dir"] = "is required (or give dataset_config)"
         if self.use_object_template and self.use_style_template:
             errors["use_style_template"] = "choose the object or the style template, not both"
-        if self.prompt_source == "captions" and (self.use_object_template or self.use_style_template
-                                                 or self.template_file):
-            errors["prompt_source"] = "captions ignores templates: choose captions or a template, not both"
         if self.random_crop and not self.center_crop:
             errors["center_crop"] = "false squashes the whole image to the training size; random_crop has nothing to crop"
         if self.random_crop and self.cache_latents:
