@@ -19,17 +19,23 @@ TOKEN = "xltok123"
 @pytest.fixture(scope="module")
 def host(tmp_path_factory):
     with fake_host_modules() as fakehost:
-        yield fakehost.install(data_dir=str(tmp_path_factory.mktemp("webui")), family="sdxl")
+        modules = fakehost.install(data_dir=str(tmp_path_factory.mktemp("webui")), family="sdxl")
+        modules.shared.cmd_opts.api = True  # the routes exist only with --api or --nowebui
+        try:
+            yield modules
+        finally:
+            modules.shared.cmd_opts.api = False
 
 
 @pytest.fixture(scope="module")
-def images(tmp_path_factory):
+def images(host):
+    """A dataset inside the WebUI data folder, which the API may read by default."""
     sys.path.insert(0, str(TESTS))
     try:
         from ui_harness import make_dataset
     finally:
         sys.path.remove(str(TESTS))
-    return str(make_dataset(tmp_path_factory.mktemp("data") / "imgs", n=2))
+    return str(make_dataset(Path(host.paths_internal.data_path) / "datasets" / "imgs", n=2))
 
 
 def values(images: str, **kw) -> dict:
