@@ -67,6 +67,8 @@ class TrainConfig:
     num_vectors_per_token: int = _opt(1, "vectors the token stands for", lo=1, hi=75)
     weights: str = _opt("", "resume from this embedding file (continues from its saved step)")
     # --- prompts ---
+    prompt_source: str = _opt("auto", "unless a template below is set: auto (each image's caption; the object "
+                              "template for an image without one) or captions (kohya)", choices=("auto", "captions"))
     use_object_template: bool = _opt(False, "ignore captions; use 'a photo of a {token}'-style prompts")
     use_style_template: bool = _opt(False, "ignore captions; use 'a painting in the style of {token}' prompts")
     template_file: str = _opt("", "A1111 template: a file, or subject/style/subject_filewords/style_filewords/none")

@@ -261,7 +261,7 @@ def _invokeai_defaults(values: dict[str, Any], out: dict[str, Any], notes: dict[
     if "optimizer_args" not in values and not any(str(a).startswith("weight_decay") for a in args):
         out["optimizer_args"] = args + [INVOKEAI_WEIGHT_DECAY]
         applied.append(f"optimizer_args {INVOKEAI_WEIGHT_DECAY} (adam_weight_decay)")
-    prompt_choices = ("use_object_template", "use_style_template", "template_file")
+    prompt_choices = ("use_object_template", "use_style_template", "template_file", "prompt_source")
     if not any(k in out for k in prompt_choices):
         out["use_object_template"] = True  # InvokeAI has no captions: learnable_property defaults to object
         applied.append("use_object_template=True (learnable_property object)")
