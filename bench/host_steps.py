@@ -2,7 +2,8 @@
 A1111 and in a real Forge 2 (opt-in; run with the host's own python, one host per run):
 
     cd $TI_TRAINER_FORGE_DIR && venv/bin/python <repo>/bench/host_steps.py --host forge --ckpt CKPT --work DIR
-    <a1111 python> <repo>/bench/host_steps.py --host a1111 --host-dir $TI_TRAINER_HOST_DIR --ckpt CKPT --work DIR
+    HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HOME=DIR/hf-home \
+        <a1111 python> <repo>/bench/host_steps.py --host a1111 --host-dir $TI_TRAINER_HOST_DIR --ckpt CKPT --work DIR
 
 CKPT is what tests/host/make_tiny_forge_checkpoint.py writes (Forge detects the family from the UNet's
 shape, so the Forge checkpoint is the one both hosts can load). For A1111 the script writes, under
