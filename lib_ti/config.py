@@ -124,7 +124,7 @@ class TrainConfig:
     min_snr_gamma: float = _opt(0.0, "min-SNR loss weighting gamma (0: off; 5 is typical)", lo=0.0, hi=100.0)
     noise_offset: float = _opt(0.0, "noise offset (0: off; 0.05 is typical)", lo=0.0, hi=1.0)
     clip_skip: int = _opt(1, "text encoder layers skipped from the end (SD1)", lo=1, hi=12)
-    seed: int = _opt(-1, "random seed (-1: random)", lo=-1)
+    seed: int = _opt(-1, "random seed (-1: random)", lo=-1, hi=2**32 - 1)
     device: str = _opt("auto", "CLI only: auto, cpu, cuda, cuda:N, mps", host=True)
     # --- previews ---
     sample_every_n_steps: int = _opt(0, "render previews every N steps (0: off)", lo=0)
@@ -132,7 +132,7 @@ class TrainConfig:
     # --- validation (no peer has these) ---
     validation_every_n_steps: int = _opt(50, "validation loss on a fixed batch every N steps (0: off)", lo=0)
     validation_batch_size: int = _opt(4, "fixed samples in the validation batch", lo=1, hi=64)
-    validation_seed: int = _opt(1234, "seed of the fixed validation noise and timesteps", lo=0)
+    validation_seed: int = _opt(1234, "seed of the fixed validation noise and timesteps", lo=0, hi=2**32 - 1)
     auto_stop: bool = _opt(False, "stop when the validation loss has flattened (DVAR)")
     auto_stop_window: int = _opt(10, "validation points the flatness test looks at", lo=3, hi=10_000)
     auto_stop_threshold: float = _opt(0.15, "stop when var(last window) / var(all) is below this",
@@ -253,7 +253,7 @@ class TrainConfig:
         parts = [p.strip() for p in str(self.resolution).replace("x", ",").split(",") if p.strip()]
         try:
             nums = [int(float(p)) for p in parts]
-        except ValueError:
+        except (ValueError, OverflowError):  # 'abc', 'nan', '1e999'
             raise ValueError(f"'{self.resolution}' is not 'N' or 'W,H'") from None
         if len(nums) == 1:
             nums = nums * 2
@@ -332,16 +332,26 @@ def _literal(v: str) -> Any:
     return v
 
 
+_INT_LIMIT = 2**63  # beyond int64 every consumer (torch, range checks in messages) misbehaves
+
+
 def _coerce(f: dataclasses.Field, value: Any) -> Any:
     """Accept what TOML, JSON, gradio (floats for ints) and `--set k=v` strings give."""
     default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= _INT_LIMIT:
+        raise ValueError("number is too large")
     if f.name == "learning_rate":
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise ValueError(f"expected a number or a piecewise string, got {value!r}")
+            raise ValueError(f"expected a number or a piecewise string, got {value!r:.60}")
         return str(value).strip()
     if f.name == "resolution":
         if isinstance(value, (list, tuple)):
-            return ",".join(str(int(v)) for v in value)
+            try:
+                return ",".join(str(int(v)) for v in value)
+            except (TypeError, ValueError, OverflowError):  # [null], [1e999], ["a"]
+                raise ValueError(f"expected 'N', 'W,H' or [W, H] of whole numbers, got {value!r:.60}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ValueError(f"expected 'N', 'W,H' or [W, H] of whole numbers, got {value!r:.60}")
         return str(value)
     if f.name == "seed" and value is None:
         return -1
@@ -354,30 +364,34 @@ def _coerce(f: dataclasses.Field, value: Any) -> Any:
             return bool(value)
         raise ValueError(f"expected true or false, got {value!r}")
     if isinstance(default, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
         try:
             num = float(value) if not isinstance(value, bool) else math.nan
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             num = math.nan
         if not math.isfinite(num) or num != int(num):
-            raise ValueError(f"expected a whole number, got {value!r}")
+            raise ValueError(f"expected a whole number, got {value!r:.60}")
+        if abs(num) >= _INT_LIMIT:
+            raise ValueError("number is too large")
         return int(num)
     if isinstance(default, float):
         try:
             if isinstance(value, bool):
                 raise ValueError
             return float(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"expected a number, got {value!r}") from None
+        except (TypeError, ValueError, OverflowError):
+            raise ValueError(f"expected a number, got {value!r:.60}") from None
     if isinstance(default, list):
         if isinstance(value, str):
             return [p for p in value.split() if p]
         if isinstance(value, (list, tuple)):
             return [str(v) for v in value]
-        raise ValueError(f"expected a list, got {value!r}")
+        raise ValueError(f"expected a list, got {value!r:.60}")
     if isinstance(default, str):
         if value is None:
             return ""
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise ValueError(f"expected text, got {value!r}")
+            raise ValueError(f"expected text, got {value!r:.60}")
         return str(value)
     return value

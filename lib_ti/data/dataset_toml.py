@@ -74,7 +74,8 @@ def _check_table(table: Any, name: str, n: int | None, path: str) -> dict[str, A
 
 def _check_value(key: str, v: Any, where: str) -> Any:
     def bad(expected: str) -> DataError:
-        return DataError(f"'{key}' in {where} must be {expected}, got {v!r} ({type(v).__name__})")
+        # the type only, never the value: the file may hold secrets (the HTTP API reports this)
+        return DataError(f"'{key}' in {where} must be {expected}, got a {type(v).__name__}")
 
     if key == "resolution":
         if isinstance(v, int) and not isinstance(v, bool) and v > 0:

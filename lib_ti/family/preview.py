@@ -1,14 +1,11 @@
 """Preview images for the CLI, with the live vectors, through diffusers' own pipelines.
 
 The WebUI renders its previews with the host's txt2img instead; this is the headless path.
-Prompt lines accept kohya's sample-prompt options: `--n negative --w 512 --h 512 --d seed
---l cfg --s steps`.
+Prompt lines and their kohya options are parsed by `lib_ti.sample_prompts`.
 """
 
 from __future__ import annotations
 
-import re
-import shlex
 from typing import Any
 
 import numpy as np
@@ -17,23 +14,6 @@ from diffusers import EulerDiscreteScheduler
 from PIL import Image
 
 from lib_ti.family.diffusers_sd import DiffusersModel
-
-_OPTS = {"n": ("negative_prompt", str), "w": ("width", int), "h": ("height", int), "d": ("seed", int),
-         "l": ("cfg_scale", float), "s": ("steps", int)}
-
-
-def parse_prompt_line(line: str) -> dict[str, Any]:
-    """'a photo of tok --w 768 --s 30' -> {'prompt': 'a photo of tok', 'width': 768, 'steps': 30}."""
-    head, *rest = re.split(r"\s--(?=[nwhdls]\s)", " " + line.strip())
-    out: dict[str, Any] = {"prompt": head.strip()}
-    for part in rest:
-        key, _, value = part.partition(" ")
-        name, conv = _OPTS[key]
-        try:
-            out[name] = conv(" ".join(shlex.split(value)) if conv is str else value.strip())
-        except ValueError:
-            continue  # a malformed option is left out, as kohya does
-    return out
 
 
 @torch.no_grad()

@@ -17,8 +17,14 @@ def on_ui_train_tabs(params: Any) -> None:
 def on_ui_tabs() -> list:
     if _built["train_tab"]:
         return []
-    from lib_ti.webui import tab
+    from lib_ti.webui import forge_embeddings, tab
 
+    if forge_embeddings.is_forge():  # Forge never builds a Train tab: the same tab, top level
+        import gradio as gr
+
+        with gr.Blocks(analytics_enabled=False) as blocks:
+            tab.build_contents([])
+        return [(blocks, "TI Trainer", "ti_trainer")]
     return tab.build_fallback_tab()
 
 
@@ -29,8 +35,9 @@ def on_ui_settings() -> None:
 
 
 def on_app_started(_demo: Any, app: Any) -> None:
-    from lib_ti.webui import api
+    from lib_ti.webui import api, forge_embeddings
 
+    forge_embeddings.remember_app(app)  # Forge: the API's own embedding list is reloaded after a save
     api.register(app)
 
 

@@ -53,6 +53,10 @@ def clear_cond_caches() -> None:
 def reload_embeddings() -> None:
     """Forced reload of every embedding folder (the mtime check misses files overwritten in place),
     then the cond caches. The caller holds the queue lock (never go through the HTTP route)."""
+    if _forge():
+        from lib_ti.webui import forge_embeddings
+
+        return forge_embeddings.reload_embeddings()
     embedding_db().load_textual_inversion_embeddings(force_reload=True)
     clear_cond_caches()
 
@@ -60,6 +64,10 @@ def reload_embeddings() -> None:
 def host_load_check(name: str, expected_vectors: int, path: str | None = None) -> tuple[bool, str]:
     """Did the host load `name` as a usable embedding with `expected_vectors` vectors (and, given
     `path`, from that file)? Returns (ok, message for the user)."""
+    if _forge():
+        from lib_ti.webui import forge_embeddings
+
+        return forge_embeddings.host_load_check(name, expected_vectors, path)
     db = embedding_db()
     emb = db.word_embeddings.get(name)
     if emb is not None:
@@ -77,6 +85,12 @@ def host_load_check(name: str, expected_vectors: int, path: str | None = None) -
                        f"(expects {db.expected_shape}); it loads with a model of its own family")
     dirs = ", ".join(getattr(d, "path", str(d)) for d in db.embedding_dirs.values())
     return False, f"the WebUI did not load '{name}' (looked in {dirs}); see the console for a load error"
+
+
+def _forge() -> bool:
+    from lib_ti.webui import forge_embeddings
+
+    return forge_embeddings.is_forge()
 
 
 def checkpoint_ids() -> tuple[str | None, str | None]:

@@ -58,7 +58,14 @@ def family_of(m: Any) -> str:
 
 def borrow(clip_skip: int | None = None) -> HostModel:
     """The loaded model as a TrainableModel. `clip_skip` None follows the host's "Clip skip"
-    setting, as txt2img does; a number overrides it for training prompts only (SD1)."""
+    setting, as txt2img does; a number overrides it for training prompts only (SD1).
+    On Forge the Forge adapter (forge_model.py) answers instead."""
+    from lib_ti.webui import forge_embeddings
+
+    if forge_embeddings.is_forge():
+        from lib_ti.webui import forge_model
+
+        return forge_model.borrow(clip_skip)
     m = sd_model()
     embedding_db()
     family = family_of(m)

@@ -21,6 +21,9 @@ OPTIONS = {
     "ti_trainer_sample_every_n_steps": ("sample_every_n_steps", "Default preview interval in steps (0: off)"),
 }
 FIELD_TO_KEY = {field: key for key, (field, _label) in OPTIONS.items()}
+# Not a tab default: the server-side path policy of the HTTP API (lib_ti/webui/api_paths.py).
+API_READ_KEY = "ti_trainer_api_read_folders"
+API_READ_LABEL = "Folders the API may read"
 
 
 def config_default(field: str) -> Any:
@@ -39,6 +42,27 @@ def register() -> None:
         except TypeError:  # hosts before the settings categories (A1111 < 1.7)
             pass
         shared.opts.add_option(key, info.info("applies to the TI Trainer tab after a UI reload"))
+    try:  # restrict_api: /sdapi/v1/options cannot widen it (A1111 >= 1.6); a multi-line text box
+        info = shared.OptionInfo("", API_READ_LABEL, component_args={"lines": 3}, section=SECTION,
+                                 restrict_api=True, category_id="training")
+    except TypeError:
+        info = shared.OptionInfo("", API_READ_LABEL, component_args={"lines": 3}, section=SECTION)
+    shared.opts.add_option(API_READ_KEY, info.info(
+        "one folder per line; datasets, templates, dataset TOML and prompt files that /ti-trainer/v1 requests "
+        "name must lie in one (or in the host's templates folder). Empty: the WebUI data folder and its "
+        "textual_inversion folder. The tab is not limited"))
+
+
+def api_read_folders() -> str:
+    """The setting's text. Read with a fallback: in --nowebui mode on_ui_settings never ran, but a
+    value saved in config.json is still in shared.opts."""
+    try:
+        from modules import shared
+
+        value = getattr(shared.opts, API_READ_KEY, "")
+    except Exception:  # no host options at all
+        return ""
+    return value if isinstance(value, str) else ""
 
 
 def default(field: str) -> Any:

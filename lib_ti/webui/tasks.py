@@ -49,7 +49,7 @@ class Task:
 class TaskRegistry:
     """Recent tasks by id; old finished ones are dropped so a long-running server does not grow."""
 
-    def __init__(self, keep: int = 50):
+    def __init__(self, keep: int = 100):
         self._tasks: dict[str, Task] = {}
         self._lock = threading.Lock()
         self.keep = keep

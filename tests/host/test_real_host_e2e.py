@@ -114,6 +114,8 @@ class Hosts:
             return self.current
         self.stop()
         host = host_server.Host(Path(HOST), self.python, self.tiny, family, self.workdir / family)
+        # the API reads datasets only from the folders this setting lists (README: Security)
+        (host.workdir / "config.json").write_text(json.dumps({"ti_trainer_api_read_folders": str(self.workdir.parent)}))
         if not host.checkpoint.is_file():
             pytest.skip(f"no tiny {family} checkpoint at {host.checkpoint}")
         self.current = host
@@ -223,8 +225,9 @@ def api_round_trip(hosts: Hosts, family: str, tmp_path: Path) -> dict:
     assert info["status"] == "done", info
     assert info["step"] == STEPS and info["max_steps"] == STEPS, info
     assert info["loss"] is not None, info
-    assert info["output"] == str(host.embeddings_dir / f"{name}.safetensors"), info
-    assert Path(info["output"]).is_file()
+    assert info["output"] == f"{name}.safetensors", info  # relative to the embeddings folder
+    output = host.embeddings_dir / info["output"]
+    assert output.is_file()
 
     listed = host.get("/sdapi/v1/embeddings")
     got = listed["loaded"].get(name)
@@ -246,7 +249,7 @@ def api_round_trip(hosts: Hosts, family: str, tmp_path: Path) -> dict:
     assert f"{name}.preview.png" in card_html and f"{STEPS} training steps" in card_html, card_html
 
     with_token, infotext, t2i_info = txt2img(host, f"a photo of {name}")
-    file_hash = hashlib.sha256(Path(info["output"]).read_bytes()).hexdigest()[:12]
+    file_hash = hashlib.sha256(output.read_bytes()).hexdigest()[:12]
     # one entry per text encoder that saw the token: SDXL's two each append theirs (sd_hijack_clip.py)
     assert ti_hash_entries(infotext) == {f"{name}: {file_hash}"}, infotext
     # (the TI hash above proves the embedding was used; the pixels of a tiny random model are no

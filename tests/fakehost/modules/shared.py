@@ -10,9 +10,9 @@ from modules.options import OptionInfo, Options, options_section  # noqa: F401 (
 cmd_opts = SimpleNamespace(
     data_dir=os.getcwd(), embeddings_dir=os.path.join(os.getcwd(), "embeddings"),
     textual_inversion_templates_dir=None, lowvram=False, medvram=False, medvram_sdxl=False, no_half=True,
-    no_half_vae=False, precision="full", api=True, api_auth=None, nowebui=False, freeze_settings=False,
-    disable_safe_unpickle=False,
-)
+    no_half_vae=False, precision="full", api=False, api_auth=None, nowebui=False, freeze_settings=False,
+    disable_safe_unpickle=False, cors_allow_origins=None, cors_allow_origins_regex=None,
+)  # the host's defaults (modules/cmd_args.py): no --api, no CORS origins
 
 # The few settings the code under test reads, with the host's defaults (modules/shared_options.py).
 opts = Options({
