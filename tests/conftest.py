@@ -5,10 +5,16 @@ models must not change their weights or leave flags changed (training() restores
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from pathlib import Path
 
 import pytest
+
+# One torch thread, here and in every subprocess the tests start (CLI, torchrun, the UI harness):
+# the tiny models gain nothing from a second thread, and on a busy CI box OpenMP threads waiting on
+# each other made training steps 4-20x slower. Set before torch is imported; an explicit value wins.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 SEED = 0
 
