@@ -273,3 +273,37 @@ def step_setup(args: argparse.Namespace, model, work: Path) -> tuple[TrainConfig
     pixels = torch.rand(args.batch, 3, res, res, generator=gen) * 2 - 1
     latents = model.encode_images(pixels.to(model.device))
     return cfg, latents, [caption] * args.batch, res
+
+
+# ------------------------------------------------------------------------------------ resume state
+FULL_WIDTHS = {"SD1": {SINGLE_SLOT: 768}, "SD2": {SINGLE_SLOT: 1024}, "SDXL": {SDXL_SLOTS[0]: 768, SDXL_SLOTS[1]: 1280}}
+
+
+def resume_state_sizes(state_file: Path, cfg: TrainConfig, work: Path,
+                       vector_counts: tuple[int, ...] = (1, 8)) -> list[tuple[str, int, int, int]]:
+    """(family, vectors, embedding bytes, `.ti-state` bytes) at the real widths, without a full
+    model: the resume state a run wrote (`state_file`: its RNG, sampler and fingerprint) with the
+    moments of the loop's own optimizer after one step on vectors of that shape, written by
+    `resume.save` beside an embedding written by `formats.save_embedding`, as the run layer does."""
+    from lib_ti import formats, resume
+    from lib_ti.embedding import Embedding
+    from lib_ti.optim import make_optimizer
+
+    state, why = resume.load(str(state_file))
+    if state is None:
+        raise SystemExit(f"the run wrote no readable resume state: {why}")
+    rows = []
+    for family, widths in FULL_WIDTHS.items():
+        for n in vector_counts:
+            gen = torch.Generator().manual_seed(n)
+            vectors = {k: (torch.randn(n, w, generator=gen) * 0.02).requires_grad_(True) for k, w in widths.items()}
+            opt = make_optimizer(cfg, list(vectors.values()), 5e-3)
+            for v in vectors.values():
+                v.grad = torch.randn(v.shape, generator=gen)
+            opt.step()
+            emb_path = work / f"{family}-{n}.safetensors"
+            emb = Embedding({k: v.detach() for k, v in vectors.items()}, step=int(state["step"]), name=TOKEN)
+            formats.save_embedding(emb, emb_path, "safetensors", overwrite=True)
+            resume.save(resume.state_path(str(emb_path)), {**state, "optimizer": opt.state_dict()}, emb.vectors)
+            rows.append((family, n, emb_path.stat().st_size, Path(resume.state_path(str(emb_path))).stat().st_size))
+    return rows

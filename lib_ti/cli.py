@@ -50,8 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--token", help="diffusers: the placeholder token (default: the embedding's name)")
     conv.add_argument("--name", help="which embedding of a LoRA bundle to convert")
 
-    tr = sub.add_parser("train", help="train an embedding on a local diffusers model folder")
-    tr.add_argument("--config_file", help="TOML with kohya-style option names")
+    tr = sub.add_parser("train", help="train an embedding on a local checkpoint file (.safetensors/.ckpt) or diffusers model folder")
+    tr.add_argument("--config_file", help="TOML with kohya-style (or InvokeAI) option names")
     tr.add_argument("--dataset_config", help="TOML dataset description (kohya layout)")
     tr.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one option (repeatable)")
     return p

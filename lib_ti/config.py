@@ -67,6 +67,8 @@ class TrainConfig:
     num_vectors_per_token: int = _opt(1, "vectors the token stands for", lo=1, hi=75)
     weights: str = _opt("", "resume from this embedding file (continues from its saved step)")
     # --- prompts ---
+    prompt_source: str = _opt("auto", "unless a template below is set: auto (each image's caption; the object "
+                              "template for an image without one) or captions (kohya)", choices=("auto", "captions"))
     use_object_template: bool = _opt(False, "ignore captions; use 'a photo of a {token}'-style prompts")
     use_style_template: bool = _opt(False, "ignore captions; use 'a painting in the style of {token}' prompts")
     template_file: str = _opt("", "A1111 template: a file, or subject/style/subject_filewords/style_filewords/none")
@@ -163,8 +165,8 @@ class TrainConfig:
         kwargs["ignored"] = ignored
         cfg = cls(**kwargs)
         # report type errors and range/consistency errors together, so a form can mark every field
-        for k, v in cfg.problems().items():
-            errors.setdefault(k, v)
+        said = {config_compat.INVOKEAI_ALIASES.get(k) for k in errors}  # a field already wrong under its alias
+        errors.update({k: v for k, v in cfg.problems().items() if k not in said and k not in errors})
         if errors:
             raise ConfigError(errors)
         return cfg
@@ -217,8 +219,8 @@ class TrainConfig:
             numeric = isinstance(v, (int, float)) and not isinstance(v, bool)
             if numeric and (not math.isfinite(v) or (lo is not None and v < lo) or (hi is not None and v > hi)):
                 errors[f.name] = f"{v} is out of range {_range(lo, hi)}"
-        if not self.token_string.strip():
-            errors["token_string"] = "is required: the word you will type in prompts"
+        if why := config_compat.token_problem(self.token_string):  # at submit, not after the model loads
+            errors["token_string"] = why
         try:
             parse_piecewise(self.learning_rate)
         except ValueError as e:
@@ -240,6 +242,8 @@ class TrainConfig:
             errors["random_crop"] = "needs cache_latents off: a cached latent cannot be re-cropped"
         if self.min_bucket_reso > self.max_bucket_reso:
             errors["min_bucket_reso"] = f"{self.min_bucket_reso} is larger than max_bucket_reso"
+        if why := config_compat.check_caption_extension(self.caption_extension):
+            errors["caption_extension"] = why
         if self.cache_latents_to_disk and not self.cache_latents:
             errors["cache_latents_to_disk"] = "needs cache_latents on"
         for arg in self.optimizer_args:

@@ -98,8 +98,30 @@ INVOKEAI_DEFAULTS: dict[str, Any] = {
 }
 INVOKEAI_WEIGHT_DECAY = "weight_decay=0.01"  # adam_weight_decay's default, unless the config sets one
 _ADAM = {"adam_beta1": "betas", "adam_beta2": "betas", "adam_epsilon": "eps", "adam_weight_decay": "weight_decay"}
-_SAFE = re.compile(r"^[A-Za-z0-9_.\-]+$")
-_CKPT = re.compile(r"^(?:(?P<name>.+)-|learned_embeds-steps-)(?P<step>\d+)\.(?:safetensors|pt|bin)$")
+SAFE_TOKEN = re.compile(r"^[A-Za-z0-9_.\-]+$")  # the token is also a file name (tokens.py)
+# InvokeAI's name first: `.+-` would also match it, as a run named "learned_embeds-steps"
+_CKPT = re.compile(r"^(?:learned_embeds-steps-|(?P<name>.+)-)(?P<step>\d+)\.(?:safetensors|pt|bin)$")
+
+
+_CAPTION_EXTENSION = re.compile(r"^\.?[A-Za-z0-9_\-][A-Za-z0-9_.\-]*$")  # a suffix, never a path
+
+
+def token_problem(token: str) -> str | None:
+    """Why `token` cannot be the trained word (it is also the file name), or None."""
+    if not token.strip():
+        return "is required: the word you will type in prompts"
+    if SAFE_TOKEN.match(token):
+        return None
+    hint = (" (write it without InvokeAI's <brackets>, or give it as placeholder_token)"
+            if strip_token(token) != token.strip() else "")
+    return f"'{token}' may contain only letters, digits, '_', '-' and '.' (it is also the file name){hint}"
+
+
+def check_caption_extension(ext: Any) -> str | None:
+    """Why `ext` cannot be a caption extension (it is joined to each image's name), or None."""
+    if not isinstance(ext, str) or not _CAPTION_EXTENSION.match(ext) or ".." in ext:
+        return f"'{ext}' must be a file extension such as .txt or .caption (letters, digits, '_', '-', '.')"
+    return None
 
 
 def _on(v: Any) -> bool:
@@ -149,7 +171,7 @@ def translate(values: dict[str, Any], fields: set[str]) -> tuple[dict[str, Any],
             field = INVOKEAI_ALIASES[key]
             if field == "token_string":
                 value = strip_token(value)
-                if not _SAFE.match(value):
+                if not SAFE_TOKEN.match(value):
                     errors[key] = (f"'{values[key]}': the trigger may contain only letters, digits, '_', '-' and "
                                    "'.' inside its <brackets> (it is also the file name)")
                 else:
@@ -167,7 +189,7 @@ def translate(values: dict[str, Any], fields: set[str]) -> tuple[dict[str, Any],
             pass  # below
         else:
             out[key] = value  # unknown: the caller says so, with a suggestion
-    _steps(values, out, notes, put)
+    _steps(values, out, notes, put, errors)
     _adam(values, out, notes, errors)
     if dialect(values) == "invokeai":
         _invokeai_defaults(values, out, notes)
@@ -177,18 +199,32 @@ def translate(values: dict[str, Any], fields: set[str]) -> tuple[dict[str, Any],
     return out, notes, errors
 
 
-def _steps(values: dict[str, Any], out: dict[str, Any], notes: dict[str, str], put: Any) -> None:
+def _steps(values: dict[str, Any], out: dict[str, Any], notes: dict[str, str], put: Any,
+           errors: dict[str, str]) -> None:
     given = {k: values[k] for k in ("save_steps", "checkpointing_steps") if k in values}
     if not given:
         return
-    try:
-        n = min(int(v) for v in given.values())
-    except (TypeError, ValueError):
-        n = next(iter(given.values()))  # not a number: save_every_n_steps reports it
+    steps = {k: _whole(v) for k, v in given.items()}
+    bad = [k for k, v in steps.items() if v is None]
+    if bad:  # said under the name the user wrote
+        errors[bad[0]] = f"expected a whole number of steps (0 or more), got {given[bad[0]]!r}"
+        return
+    n = min(steps.values())
     put("save_every_n_steps", n, next(iter(given)))
     if len(given) == 2 and len(set(given.values())) == 2:
         notes["checkpointing_steps"] = (f"the embedding file is the resumable state here; it is saved every "
                                         f"{n} steps (the smaller of save_steps and checkpointing_steps)")
+
+
+def _whole(v: Any) -> int | None:
+    """A step count as TOML, --set, JSON or a form gives it (10, "10", 10.0), else None."""
+    if isinstance(v, bool):
+        return None
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return int(f) if f.is_integer() and f >= 0 else None
 
 
 def _adam(values: dict[str, Any], out: dict[str, Any], notes: dict[str, str], errors: dict[str, str]) -> None:
@@ -225,7 +261,7 @@ def _invokeai_defaults(values: dict[str, Any], out: dict[str, Any], notes: dict[
     if "optimizer_args" not in values and not any(str(a).startswith("weight_decay") for a in args):
         out["optimizer_args"] = args + [INVOKEAI_WEIGHT_DECAY]
         applied.append(f"optimizer_args {INVOKEAI_WEIGHT_DECAY} (adam_weight_decay)")
-    prompt_choices = ("use_object_template", "use_style_template", "template_file")
+    prompt_choices = ("use_object_template", "use_style_template", "template_file", "prompt_source")
     if not any(k in out for k in prompt_choices):
         out["use_object_template"] = True  # InvokeAI has no captions: learnable_property defaults to object
         applied.append("use_object_template=True (learnable_property object)")

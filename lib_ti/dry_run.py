@@ -12,19 +12,21 @@ import random
 
 from lib_ti import data
 from lib_ti.config import TrainConfig
-from lib_ti.prepare import PrepareError, dataset_spec, prompt_mode
+from lib_ti.prepare import PrepareError, check_prompts, dataset_spec, prompt_mode
 
 SAMPLES = 3  # prompts shown per image: enough to see shuffling, dropout and templates vary
 
 
 def debug_dataset(cfg: TrainConfig, samples: int = SAMPLES) -> str:
-    try:
-        spec = dataset_spec(cfg)
-        scan = data.scan(spec)
+    field = "template_file"
+    try:  # each failure said under the option that caused it
         templates = data.load_template(cfg.template_file) if cfg.template_file else None
         prompts = data.PromptBuilder(cfg.token_string, prompt_mode(cfg), templates)
-    except (OSError, data.DataError) as e:
-        raise PrepareError("train_data_dir", str(e)) from None
+        field = "dataset_config" if cfg.dataset_config else "train_data_dir"
+        spec = dataset_spec(cfg)
+        scan = data.scan(spec)
+    except (OSError, data.DataError) as e:  # the CLI prints the field before the message
+        raise PrepareError(field, str(e)) from None
     rng = random.Random(cfg.seed if cfg.seed >= 0 else 0)
     lines = [f"debug_dataset: {len(scan.items)} images, resolution {spec.resolution[1]}x{spec.resolution[0]}, "
              f"{'buckets' if spec.enable_bucket else 'one size'}, "
@@ -40,9 +42,14 @@ def debug_dataset(cfg: TrainConfig, samples: int = SAMPLES) -> str:
             lines.append(f"  prompt {n + 1}: {prompts.build(it, rng, epoch=1, step=0, max_steps=cfg.max_train_steps)!r}")
     lines.append(f"fixed validation prompt of the first image: {prompts.fixed(scan.items[0])!r}")
     train = [it for it in scan.items if not it.subset.is_reg]
-    if prompts.uses_captions:
-        missing = data.captions_missing_token(train, cfg.token_string)
-        lines.append(f"{len(train) - len(missing)} of {len(train)} training captions name '{cfg.token_string}'")
+    try:
+        lines += check_prompts(prompts, train, cfg.token_string)
+    except PrepareError as e:
+        lines.append(f"training would refuse this: {e}")
+    captioned = prompts.captioned(train)
+    if captioned:
+        missing = data.captions_missing_token(captioned, cfg.token_string)
+        lines.append(f"{len(captioned) - len(missing)} of {len(captioned)} training captions name '{cfg.token_string}'")
     for path, why in scan.skipped:
         lines.append(f"skipped {path}: {why}")
     lines.append("nothing was trained (debug_dataset)")

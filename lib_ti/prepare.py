@@ -12,7 +12,6 @@ import torch
 
 from lib_ti import data, formats
 from lib_ti.config import TrainConfig
-from lib_ti.data.images import caption_path
 from lib_ti.embedding import Embedding
 from lib_ti.family.base import SINGLE_SLOT, SizeCond, TrainableModel
 from lib_ti.tokens import TokenError, check_token_string, init_vectors
@@ -101,16 +100,38 @@ def check_data(cfg: TrainConfig) -> data.ScanResult:
     return scan
 
 
-def has_caption_files(items: list) -> bool:
-    return any(caption_path(Path(it.path), it.subset.caption_extension).is_file() for it in items)
-
-
 def prompt_mode(cfg: TrainConfig) -> str:
     if cfg.use_object_template:
         return "object"
     if cfg.use_style_template:
         return "style"
-    return "template" if cfg.template_file else "caption"
+    if cfg.template_file:
+        return "template"
+    return "caption" if cfg.prompt_source == "captions" else "auto"
+
+
+def check_prompts(prompts: data.PromptBuilder, train_items: list, token: str) -> list[str]:
+    """Notes on where the prompts come from and which captions lack the token; refuses a set of
+    prompts that never names the token (no gradient could reach it: host pitfall 17)."""
+    notes = []
+    captioned = prompts.captioned(train_items)
+    if prompts.mode == "auto":
+        n = len(train_items) - len(captioned)
+        notes.append(f"prompt source auto: {len(captioned)} images have captions, {n} use the object template"
+                     + (f" ('a photo of a {token}', ...)" if n else ""))
+    missing = data.captions_missing_token(captioned, token)
+    if not captioned or not missing:
+        return notes
+    by_template = len(captioned) < len(train_items) or (
+        prompts.mode == "template" and any("[name]" in t for t in prompts.templates))
+    if len(missing) == len(train_items) and not by_template:
+        raise PrepareError("token_string", f"no caption contains '{token}', so no training prompt names it. "
+                           "Add it to the captions, or use the object/style template")
+    if len(missing) == len(captioned) and prompts.mode == "template":
+        notes.append(f"no caption contains '{token}': only template lines with [name] train it")
+    else:
+        notes.append(f"{len(missing)} of {len(captioned)} captions lack '{token}'")
+    return notes
 
 
 def prepare(cfg: TrainConfig, model: TrainableModel, progress: Callable[[str, int, int], None],
@@ -138,22 +159,7 @@ def prepare(cfg: TrainConfig, model: TrainableModel, progress: Callable[[str, in
     train_items = [it for it in items if not it.subset.is_reg]
     if not train_items:
         raise PrepareError("train_data_dir", "no training images (only regularization images were found)")
-    if prompts.mode == "caption" and not has_caption_files(train_items) and not any(it.caption for it in train_items):
-        # "auto": a folder of bare images trains with the object template, as A1111's trainer does
-        prompts = data.PromptBuilder(cfg.token_string, "object", None)
-        warnings.append("no caption files next to the images: training with the object template "
-                        f"('a photo of a {cfg.token_string}', ...); add captions or choose a template to change it")
-    if prompts.uses_captions:
-        missing = data.captions_missing_token([it for it in train_items], cfg.token_string)
-        never_named = prompts.mode == "caption" or all("[name]" not in t for t in prompts.templates)
-        if len(missing) == len(train_items) and never_named:
-            # no prompt would ever contain the token: no gradient can reach it (host pitfall 17)
-            raise PrepareError("token_string", f"no caption contains '{cfg.token_string}', so no training prompt "
-                               "names it. Add it to the captions, or use the object/style template")
-        if len(missing) == len(train_items):
-            warnings.append(f"no caption contains '{cfg.token_string}': only template lines with [name] train it")
-        elif missing:
-            warnings.append(f"{len(missing)} of {len(train_items)} captions lack '{cfg.token_string}'")
+    warnings += check_prompts(prompts, train_items, cfg.token_string)
 
     cache = None
     if cfg.cache_latents:

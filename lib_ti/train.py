@@ -131,6 +131,19 @@ def validation_loss(model: TrainableModel, cfg: TrainConfig, vb: ValidationBatch
     return total / len(vb.latents)
 
 
+def guard_update(vectors: dict[str, torch.Tensor], good: dict[str, torch.Tensor]) -> bool:
+    """After an optimizer step: True, with `good` updated in place, when every vector is finite and
+    no longer than MAX_NORM; else the vectors roll back to `good` and False. The norm too: elements
+    of 1e30 are finite, but their norm (and the host's fp16) overflow."""
+    with torch.no_grad():
+        ok = all(bool(torch.isfinite(v).all()) and float(v.norm(dim=-1).max()) <= MAX_NORM
+                 for v in vectors.values())
+        src, dst = (vectors, good) if ok else (good, vectors)
+        for k in vectors:
+            dst[k].copy_(src[k])
+    return ok
+
+
 def total_steps(cfg: TrainConfig, batches_per_epoch: int) -> int:
     if cfg.max_train_epochs > 0:
         return cfg.max_train_epochs * math.ceil(batches_per_epoch / cfg.gradient_accumulation_steps)
@@ -266,17 +279,10 @@ def _loop(cfg: TrainConfig, model: TrainableModel, cb: Callbacks, prep: Prepared
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        # the norm too: elements of 1e30 are finite, but their norm (and the host's fp16) overflow
-        if not all(torch.isfinite(v).all() and float(v.detach().norm(dim=-1).max()) <= MAX_NORM
-                   for v in vectors.values()):
-            with torch.no_grad():
-                for k, v in vectors.items():
-                    v.copy_(good[k])
+        if not guard_update(vectors, good):
             status, message = "nan", (f"the update at step {step} made the vectors non-finite or overflowing "
                                       "(learning rate too high?); kept the last good ones")
             break
-        for k, v in vectors.items():
-            good[k].copy_(v.detach())
         step += 1
         cb.live.step = step
         steps_timed += 1

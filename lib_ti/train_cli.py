@@ -1,4 +1,4 @@
-"""`python -m lib_ti train`: the same core as the WebUI tab, on a local diffusers model folder.
+"""`python -m lib_ti train`: the same core as the WebUI tab, on a local checkpoint file or diffusers folder.
 
 Several GPUs: `accelerate launch -m lib_ti train --config_file args.toml` runs one process per
 GPU; each draws its own batches and the vectors' gradients are averaged across processes.
@@ -110,7 +110,7 @@ def check_before_loading(cfg: TrainConfig) -> tuple[torch.device, run.FolderOutp
     """Everything cheap, before the model loads: the name, the output folder, the device, the model
     path and the data. Raises ConfigError/PrepareError (exit 2); creates nothing."""
     if not cfg.pretrained_model_name_or_path:
-        raise ConfigError({"pretrained_model_name_or_path": "is required for the CLI: a local diffusers folder"})
+        raise ConfigError({"pretrained_model_name_or_path": "is required for the CLI: a local checkpoint file (.safetensors/.ckpt) or diffusers folder"})
     out = run.FolderOutputs(cfg.output_dir)
     if os.path.exists(out.final_dir) and not os.path.isdir(out.final_dir):
         raise ConfigError({"output_dir": f"'{cfg.output_dir}' is a file, not a folder"})

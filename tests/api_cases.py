@@ -165,6 +165,11 @@ CASES: list[Case] = [
     Case("weights-zip-bomb", train(weights="bomb-ti.pt"), 422, ("weights",), says="MB"),
     Case("weights-outside", train(weights="/etc/passwd"), 422, ("weights",)),
     Case("weights-traversal", train(weights="../x.safetensors"), 422, ("weights",)),
+    # InvokeAI's names are translated inside TrainConfig, past the path rules: refused in the API
+    Case("invokeai-resume-outside", train(resume_from_checkpoint="/etc/passwd"), 422, ("resume_from_checkpoint",),
+         says="InvokeAI"),
+    Case("invokeai-model", train(model="/etc"), 422, ("model",), says="pretrained_model_name_or_path"),
+    Case("invokeai-only-name", train(dataloader_num_workers=2), 422, ("dataloader_num_workers",)),
     Case("no-usable-image", train(train_data_dir=p("noimg")), 422, ("train_data_dir",)),
     Case("host-decides-output-dir", train(output_dir=p(where="outside")), 422, ("output_dir",)),
     # ---- server-side read folders; never an existence oracle, never a file's content

@@ -32,3 +32,6 @@ def test_bench_runs_and_prints_its_figure(case, tmp_path):
     m = re.fullmatch(rf"{name}=(\d+\.\d+)", last)
     assert m, f"last line is {last!r}"
     assert math.isfinite(float(m.group(1))) and float(m.group(1)) >= 0
+    if case.startswith("step_overhead"):  # the run layer's guard and the resume state's size, same run
+        assert re.search(r"^guard_share=\d+\.\d+$", run.stdout, re.M)
+        assert re.search(r"^resume_state_ratio=\d+\.\d+$", run.stdout, re.M) and "SDXL width" in run.stdout

@@ -70,6 +70,9 @@ def test_missing_required_and_conflicts():
     with pytest.raises(ConfigError) as e:
         TrainConfig.from_dict({"use_object_template": True, "use_style_template": True, "random_crop": True})
     assert {"token_string", "train_data_dir", "use_style_template", "random_crop"} <= set(e.value.errors)
+    assert TrainConfig.from_dict(BASE).prompt_source == "auto"  # captions where there are any, else a template
+    with pytest.raises(ConfigError, match="prompt_source"):
+        TrainConfig.from_dict({**BASE, "prompt_source": "caption"})
 
 
 def test_ui_values_coerce():

@@ -99,6 +99,20 @@ def test_prompt_modes():
         PromptBuilder("tok", "template", A1111_TEMPLATES["none"])
 
 
+def test_auto_uses_each_images_caption_else_the_object_template():
+    b = PromptBuilder("tok", "auto")
+    rng = random.Random(0)
+    captioned, bare, prefixed = item("tok, red ball"), item(""), item("", caption_prefix="tok on grass")
+    reg = ImageItem("r.png", (64, 64), "", SubsetSpec(".", is_reg=True), (64, 64), (64, 64))
+    assert [b.source(it) for it in (captioned, bare, prefixed, reg)] == ["caption", "object", "caption", "caption"]
+    assert b.build(captioned, rng) == "tok, red ball" and b.fixed(captioned) == "tok, red ball"
+    assert b.build(bare, rng) in [t.format("tok") for t in IMAGENET_TEMPLATES_SMALL]
+    assert b.fixed(bare) == "a photo of a tok" and b.build(prefixed, rng) == "tok on grass"
+    assert b.build(reg, rng) == ""  # a regularization prompt never names the token
+    assert b.uses_captions and b.captioned([captioned, bare, prefixed]) == [captioned, prefixed]
+    assert PromptBuilder("tok", "object").captioned([captioned]) == []
+
+
 def test_fixed_prompt_is_deterministic_and_unshuffled():
     it = item("sks, red, ball, grass", shuffle_caption=True)
     b = PromptBuilder("sks", "template", A1111_TEMPLATES["subject_filewords"])
@@ -108,7 +122,7 @@ def test_fixed_prompt_is_deterministic_and_unshuffled():
 
 
 def test_uses_captions():
-    assert PromptBuilder("t", "caption").uses_captions
+    assert PromptBuilder("t", "caption").uses_captions and PromptBuilder("t", "auto").uses_captions
     assert not PromptBuilder("t", "object").uses_captions
     assert not PromptBuilder("t", "template", A1111_TEMPLATES["subject_filewords"]).uses_captions
     assert PromptBuilder("t", "template", ["[filewords]"]).uses_captions

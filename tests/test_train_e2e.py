@@ -122,6 +122,19 @@ def test_nan_keeps_last_good_vectors(tiny_sd1, tmp_path):
     assert all(torch.isfinite(v).all() for v in result.embedding.vectors.values())
 
 
+def test_guard_keeps_a_good_update_and_rolls_back_an_overflowing_one():
+    from lib_ti.train import guard_update
+
+    good = {"clip_l": torch.zeros(2, 4), "clip_g": torch.zeros(2, 8)}
+    vectors = {"clip_l": torch.ones(2, 4), "clip_g": torch.ones(2, 8)}
+    assert guard_update(vectors, good) and all(torch.equal(good[k], vectors[k]) for k in good)
+    vectors["clip_g"][1, 0] = 1e30  # finite, but its norm overflows float16 (and float32 squares)
+    assert not guard_update(vectors, good)
+    assert all(torch.equal(vectors[k], torch.ones_like(vectors[k])) for k in vectors)  # both slots rolled back
+    vectors["clip_l"][0, 0] = float("nan")
+    assert not guard_update(vectors, good) and torch.isfinite(vectors["clip_l"]).all()
+
+
 def test_interrupt_saves_what_it_has(tiny_sd1, tmp_path):
     saved: list = []
     steps = []
@@ -215,3 +228,24 @@ def test_captions_that_never_name_the_token_are_refused(tiny_sd1, tmp_path):
     result = run_training(config(tmp_path, train_data_dir=str(data), max_train_steps=4,
                                  validation_every_n_steps=0), tiny_sd1)
     assert result.step == 4 and any("captions lack" in w for w in result.warnings)
+
+
+def test_prompt_source_auto_per_image_and_explicit_captions(tiny_sd1, tmp_path):
+    """auto (the default): captioned images train on their captions, bare ones on the object
+    template, and the log says how many of each; explicit captions keep refusing a bare folder."""
+    data = make_images(tmp_path / "mixed")
+    for txt in sorted(data.glob("*.txt"))[:1]:
+        txt.unlink()
+    result = run_training(config(tmp_path, train_data_dir=str(data), max_train_steps=2,
+                                 validation_every_n_steps=0), tiny_sd1)
+    assert result.step == 2
+    assert "prompt source auto: 3 images have captions, 1 use the object template" in " ".join(result.warnings)
+    bare = make_images(tmp_path / "bare", caption=False)
+    with pytest.raises(PrepareError, match="no caption contains") as e:
+        run_training(config(tmp_path, train_data_dir=str(bare), prompt_source="captions"), tiny_sd1)
+    assert e.value.field == "token_string"
+    # auto with captions that never name the token is refused as captions are: no prompt would name it
+    for i in range(4):
+        (data / f"img{i}.txt").write_text("a red disc")
+    with pytest.raises(PrepareError, match="no caption contains"):
+        run_training(config(tmp_path, train_data_dir=str(data)), tiny_sd1)

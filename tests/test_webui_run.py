@@ -169,9 +169,9 @@ def test_a_caption_less_folder_trains_with_the_defaults(host, images, tmp_path):
     bare.mkdir()
     for p in Path(images).glob("*.png"):
         (bare / p.name).write_bytes(p.read_bytes())
-    task = train(str(bare), "baretok", use_object_template=False)  # the defaults: captions
+    task = train(str(bare), "baretok", use_object_template=False)  # the default prompt source: auto
     assert task.status == "done", task.error
-    assert any("object template" in n for n in task.notes)
+    assert any("0 images have captions" in n and "use the object template" in n for n in task.notes), task.notes
 
 
 def test_pt_is_published_and_loads_through_the_hosts_safe_check(host, images):

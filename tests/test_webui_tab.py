@@ -131,6 +131,18 @@ def test_every_option_is_reachable_with_stable_labels_and_ids(host):
     assert not dupes, dupes  # ui-config.json keys on labels
 
 
+def test_prompt_source_choices_map_onto_the_config(host):
+    from lib_ti.webui.ui_form import PROMPT_SOURCES, to_config_values
+
+    keys = ("prompt_source", "use_object_template", "use_style_template", "template_file")
+    got = {s: tuple(to_config_values({"prompt_source": s, "template_file": "subject"}, None)[k] for k in keys)
+           for s in PROMPT_SOURCES}
+    assert got == {"auto": ("auto", False, False, ""), "captions": ("captions", False, False, ""),
+                   "object template": ("auto", True, False, ""), "style template": ("auto", False, True, ""),
+                   "A1111 template file": ("auto", False, False, "subject")}
+    assert Tab().ui.form["prompt_source"].value == "auto"  # the default, as in the config
+
+
 def test_settings_give_the_starting_values(host):
     from modules import shared
 

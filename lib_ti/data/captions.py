@@ -50,7 +50,7 @@ A1111_TEMPLATES: dict[str, list[str]] = {
     "none": ["picture"],
 }
 
-MODES = ("caption", "object", "style", "template")
+MODES = ("auto", "caption", "object", "style", "template")
 
 
 def split_tags(caption: str, separator: str = ",") -> list[str]:
@@ -174,6 +174,9 @@ def captions_missing_token(items: list, token: str) -> list[str]:
 class PromptBuilder:
     """Turns an image into its training prompt.
 
+    mode "auto": per image, "caption" where the image has a caption (caption file or class_tokens,
+                 with prefix/suffix) or is a regularization image, else "object" (as A1111 trains
+                 a bare folder with its template).
     mode "caption":  the processed caption as is (kohya default; the caption must name the token).
     mode "object"/"style": kohya --use_object/style_template: captions ignored, a random `{}` line.
     mode "template": A1111: a random line, `[name]` -> token, `[filewords]` -> processed caption.
@@ -183,7 +186,7 @@ class PromptBuilder:
         if mode not in MODES:
             raise DataError(f"prompt mode '{mode}' is not one of {MODES}")
         self.token, self.mode = token, mode
-        if mode == "object":
+        if mode in ("object", "auto"):
             templates = templates or IMAGENET_TEMPLATES_SMALL
         elif mode == "style":
             templates = templates or IMAGENET_STYLE_TEMPLATES_SMALL
@@ -196,12 +199,25 @@ class PromptBuilder:
 
     @property
     def uses_captions(self) -> bool:
-        """True when the token reaches a prompt only if the caption names it."""
-        return self.mode == "caption" or (self.mode == "template"
-                                          and any("[name]" not in t for t in self.templates))
+        """True when the token reaches a prompt only if the caption names it (for some images)."""
+        return self.mode in ("caption", "auto") or (self.mode == "template"
+                                                    and any("[name]" not in t for t in self.templates))
 
-    def _fill(self, template: str, caption: str) -> str:
-        if self.mode in ("object", "style"):
+    def source(self, item) -> str:
+        """The mode this image's prompts come from (differs from `mode` only in auto)."""
+        if self.mode != "auto":
+            return self.mode
+        s = item.subset
+        if s.is_reg:  # regularization prompts must not name the token: never the template
+            return "caption"
+        return "caption" if " ".join((s.caption_prefix, item.caption, s.caption_suffix)).strip() else "object"
+
+    def captioned(self, items: list) -> list:
+        """The items whose prompts name the token only if their caption does."""
+        return [it for it in items if self.source(it) in ("caption", "template")] if self.uses_captions else []
+
+    def _fill(self, template: str, caption: str, mode: str) -> str:
+        if mode in ("object", "style"):
             return template.replace("{}", self.token)
         return _tidy(template.replace("[name]", self.token).replace("[filewords]", caption))
 
@@ -212,19 +228,21 @@ class PromptBuilder:
         rng = rng or random.Random()
         if dropped(item.subset, rng, epoch):  # kohya: also in template modes, the whole prompt
             return ""
-        if self.mode in ("object", "style"):
-            return self._fill(rng.choice(self.templates), "")
+        mode = self.source(item)
+        if mode in ("object", "style"):
+            return self._fill(rng.choice(self.templates), "", mode)
         caption = caption_text(item.caption, item.subset, rng, step, max_steps)
-        if self.mode == "caption":
+        if mode == "caption":
             return caption
-        return self._fill(rng.choice(self.templates), caption)
+        return self._fill(rng.choice(self.templates), caption, mode)
 
     def fixed(self, item) -> str:
         """Deterministic prompt for the validation batch: first template line, the caption's first
         line with prefix and suffix, unshuffled, nothing dropped."""
-        caption = caption_text(item.caption, item.subset, augment=False)
-        if self.mode == "caption":
+        mode = self.source(item)
+        caption = caption_text(item.caption, item.subset, augment=False) if mode not in ("object", "style") else ""
+        if mode == "caption":
             return caption
-        return self._fill(self.templates[0], caption)
+        return self._fill(self.templates[0], caption, mode)
 
     fixed_prompt = fixed

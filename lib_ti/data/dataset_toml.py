@@ -9,8 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lib_ti.config_compat import REFUSED_WHEN_ON
-from lib_ti.data.spec import SUBSET_OPTIONS, DataError, DatasetSpec, SubsetSpec
+from lib_ti.config_compat import REFUSED_WHEN_ON, check_caption_extension
+from lib_ti.data.spec import MAX_REPEATS, SUBSET_OPTIONS, DataError, DatasetSpec, SubsetSpec
 
 DATASET_KEYS = ("resolution", "batch_size", "enable_bucket", "min_bucket_reso", "max_bucket_reso",
                 "bucket_reso_steps", "bucket_no_upscale", "center_crop")
@@ -91,6 +91,8 @@ def _check_value(key: str, v: Any, where: str) -> Any:
     if key in _STR:
         if not isinstance(v, str):
             raise bad("a string")
+        if key == "caption_extension" and check_caption_extension(v):
+            raise bad("a file extension such as .txt (letters, digits, '_', '-', '.')")
         return v
     if key in _FLOAT:
         lo, hi = _FLOAT[key]
@@ -106,6 +108,8 @@ def _check_value(key: str, v: Any, where: str) -> Any:
         raise bad("an integer")
     if v < _MIN.get(key, 0):
         raise bad(f"an integer >= {_MIN.get(key, 0)}")
+    if key == "num_repeats" and v > MAX_REPEATS:
+        raise bad(f"an integer up to {MAX_REPEATS}")
     return v
 
 

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from lib_ti.config_compat import check_caption_extension
 from lib_ti.data.buckets import BucketManager
 from lib_ti.data.spec import DataError, DatasetSpec, SubsetSpec, list_images
 from lib_ti.family.base import SizeCond
@@ -40,6 +41,9 @@ class ScanResult:
 
 
 def caption_path(image: Path, extension: str) -> Path:
+    why = check_caption_extension(extension)
+    if why:  # config and dataset TOML refuse it first; this keeps any other caller inside the folder
+        raise DataError(f"caption_extension {why}")
     ext = extension if extension.startswith(".") else "." + extension
     return image.with_name(image.stem + ext)
 

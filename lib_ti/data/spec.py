@@ -13,6 +13,7 @@ from pathlib import Path
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 _KOHYA_DIR = re.compile(r"^(\d+)_(.*)$")
+MAX_REPEATS = 10000  # each repeat is an entry of every epoch's list: a typo of 1e12 must not fill the memory
 
 
 class DataError(ValueError):
@@ -88,6 +89,8 @@ def subsets_from_train_dir(train_data_dir: str | Path, **options: object) -> lis
     subsets = []
     for sub in sorted((p for p in root.iterdir() if p.is_dir()), key=lambda p: p.name):
         m = _KOHYA_DIR.match(sub.name)
+        if m and int(m.group(1)) > MAX_REPEATS:
+            raise DataError(f"folder '{sub}': {m.group(1)} repeats is over {MAX_REPEATS}")
         if m and int(m.group(1)) >= 1:
             opts = {**options, "num_repeats": int(m.group(1)), "class_tokens": m.group(2) or None}
             subsets.append(SubsetSpec(image_dir=str(sub), **opts))  # type: ignore[arg-type]

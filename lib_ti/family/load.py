@@ -13,6 +13,7 @@ Prediction type: `v_parameterization` if given, else the scheduler config's `pre
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -49,6 +50,9 @@ def _present(index: dict, name: str) -> bool:
 def detect_family(folder: str | os.PathLike) -> str:
     """'sd1' | 'sd2' | 'sdxl' for a diffusers folder, by the rule in the module docstring."""
     folder = Path(folder)
+    if folder.is_dir() and folder.suffix.lower() in single_file.CHECKPOINT_SUFFIXES:
+        raise ModelFolderError(f"'{folder}' is a folder named like a checkpoint file; pass the file itself "
+                               f"(or {WHAT_TO_PASS})")
     if not (folder / "model_index.json").is_file():
         hint = " (a checkpoint file: load it with load_diffusers_model)" if folder.is_file() else ""
         raise ModelFolderError(f"'{folder}' is not a diffusers model folder: no model_index.json{hint}")
@@ -69,6 +73,11 @@ def detect_family(folder: str | os.PathLike) -> str:
 
 
 def _not_found(name: str) -> str:
+    """Why `name` (as the user wrote it: Path() would turn './x/y' into 'x/y') cannot be opened."""
+    if "://" in name:
+        return f"'{name}' is a URL; nothing is downloaded here. Download the file yourself and pass {WHAT_TO_PASS}"
+    if os.path.islink(name):
+        return f"'{name}' is a symbolic link to nothing (or a loop of links); pass {WHAT_TO_PASS}"
     looks_like_id = name.count("/") == 1 and not name.startswith((".", "/", "~")) and ":" not in name
     if looks_like_id:
         return (f"'{name}' is not a local path; it looks like a Hugging Face model id, and nothing is downloaded "
@@ -93,6 +102,21 @@ def wrap(family: str, parts: dict, clip_skip: int = 1, prediction_type: str | No
                        parts["scheduler"], prediction_type, clip_skip)
 
 
+def _os_errors(fn):
+    """A path that cannot be read (no permission on the file or a folder above it, an I/O error)
+    is said about the option like any other bad model path, not as a Python exception."""
+
+    @functools.wraps(fn)
+    def wrapper(path, *args, **kwargs):
+        try:
+            return fn(path, *args, **kwargs)
+        except OSError as e:
+            raise ModelFolderError(f"cannot read '{path}': {e.strerror or e}") from None
+
+    return wrapper
+
+
+@_os_errors
 def check_model_path(path: str | os.PathLike) -> str:
     """The family of the model at `path`, found cheaply (folder: its json files; .safetensors: its
     header and .yaml), before anything is loaded; raises ModelFolderError as loading would. A .ckpt
@@ -103,22 +127,23 @@ def check_model_path(path: str | os.PathLike) -> str:
             raise ModelFolderError(f"'{p}' is not a model: pass {WHAT_TO_PASS}")
         return single_file.describe_file(p)
     if not p.exists():
-        raise ModelFolderError(_not_found(str(p)))
+        raise ModelFolderError(_not_found(str(path)))
     return detect_family(p)
 
 
+@_os_errors
 def load_diffusers_model(folder: str | os.PathLike, device: str | torch.device = "cpu",
                          dtype: torch.dtype = torch.float32, clip_skip: int = 1,
                          v_parameterization: bool | None = None) -> DiffusersModel:
     """UNet and text encoders in `dtype`, VAE always fp32, all on `device`, local files only.
     `folder` may also be a single-file checkpoint (the CLI's pretrained_model_name_or_path)."""
-    folder = Path(folder)
+    given, folder = str(folder), Path(folder)
     if folder.is_file():
         if folder.suffix.lower() not in single_file.CHECKPOINT_SUFFIXES:
             raise ModelFolderError(f"'{folder}' is not a model: pass {WHAT_TO_PASS}")
         return single_file.load_single_file(folder, device, dtype, clip_skip, v_parameterization)
     if not folder.exists():
-        raise ModelFolderError(_not_found(str(folder)))
+        raise ModelFolderError(_not_found(given))
     family = detect_family(folder)
     root = str(folder)
 

@@ -17,6 +17,7 @@ preview needs it (ensure_vae_decoder).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import types
@@ -133,18 +134,40 @@ def describe_file(path: Path) -> str:
     """'sd1' | 'sd2' | 'sdxl' ('' for a .ckpt, whose keys are only known once unpickled)."""
     if path.suffix.lower() == ".ckpt":
         return ""
-    return describe(path, Weights(path).shapes).family
+    spec = describe(path, Weights(path).shapes)
+    with _config_errors(spec):  # what loading reads from the yaml first, checked without loading
+        _unet_config(spec)
+        spec.text_heads()
+    return spec.family
 
 
 def load_single_file(path: str | os.PathLike, device: str | torch.device = "cpu",
                      dtype: torch.dtype = torch.float32, clip_skip: int = 1,
                      v_parameterization: bool | None = None) -> DiffusersModel:
     """UNet and text encoders in `dtype`, the VAE encoder in fp32, all on `device`."""
-    from lib_ti.family.load import wrap  # load dispatches here; imported late to avoid a cycle
-
     device = torch.device(device)
     w = Weights(path, device)
     spec = describe(path, w.shapes)
+    with _config_errors(spec):
+        return _build(path, w, spec, device, dtype, clip_skip, v_parameterization)
+
+
+@contextlib.contextmanager
+def _config_errors(spec: Spec):
+    """A yaml value of the wrong kind (a string for a channel count, a missing section) surfaces
+    deep in diffusers' config code as a Python error: said here about the config, once."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, AssertionError, IndexError, ZeroDivisionError) as e:
+        raise CheckpointError(f"cannot build the model from {spec.source}: {type(e).__name__}: {_line(e)}") from None
+
+
+def _build(path, w: Weights, spec: Spec, device: torch.device, dtype: torch.dtype, clip_skip: int,
+           v_parameterization: bool | None) -> DiffusersModel:
+    from lib_ti.family.load import wrap  # load dispatches here; imported late to avoid a cycle
+
     unet = _unet(w, spec, device, dtype)
     if v_parameterization is not None:
         prediction = "v_prediction" if v_parameterization else "epsilon"
@@ -273,8 +296,9 @@ def _clip_l(w: Weights, prefix: str, heads: int | None, device, dtype) -> CLIPTe
     if tok is None:
         raise CheckpointError(f"no {prefix}text_model.embeddings.token_embedding.weight: not a CLIP-L text encoder")
     cfg = _text_config(tok.shape[1], _count(sd, r"text_model\.encoder\.layers\.(\d+)\."),
-                       sd["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
-                       sd["text_model.embeddings.position_embedding.weight"].shape[0], tok.shape[0], heads, "quick_gelu")
+                       _need(sd, "text_model.encoder.layers.0.mlp.fc1.weight", prefix).shape[0],
+                       _need(sd, "text_model.embeddings.position_embedding.weight", prefix).shape[0], tok.shape[0],
+                       heads, "quick_gelu")
     return _text_model(CLIPTextModel, cfg, sd, device, dtype)
 
 
@@ -292,8 +316,8 @@ def _open_clip(w: Weights, prefix: str, heads: int | None, device, dtype, projec
     proj = ldm.get(prefix + "text_projection")
     if projection and proj is None:
         raise CheckpointError(f"no {prefix}text_projection: the SDXL OpenCLIP-bigG needs it")
-    cfg = _text_config(tok.shape[1], layers, ldm[f"{prefix}transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
-                       ldm[prefix + "positional_embedding"].shape[0], tok.shape[0], heads, "gelu",
+    cfg = _text_config(tok.shape[1], layers, _need(ldm, f"{prefix}transformer.resblocks.0.mlp.c_fc.weight").shape[0],
+                       _need(ldm, prefix + "positional_embedding").shape[0], tok.shape[0], heads, "gelu",
                        int(proj.shape[1]) if projection else None)
     table = sfu.DIFFUSERS_TO_LDM_MAPPING["openclip"]
     sd = {}
@@ -318,6 +342,12 @@ def _open_clip(w: Weights, prefix: str, heads: int | None, device, dtype, projec
     return _text_model(CLIPTextModelWithProjection if projection else CLIPTextModel, cfg, sd, device, dtype)
 
 
+def _need(sd: dict, key: str, prefix: str = "") -> torch.Tensor:
+    if key not in sd:
+        raise CheckpointError(f"the text encoder lacks {prefix}{key}: the file is incomplete or not this model")
+    return sd[key]
+
+
 def _text_model(cls, cfg: CLIPTextConfig, sd: dict, device, dtype):
     with torch.device("meta"):
         model = cls(cfg)
@@ -339,9 +369,12 @@ def _assign(module: torch.nn.Module, sd: dict, device, dtype: torch.dtype, what:
     missing = [k for k in want if k not in sd]
     wrong = [f"{k} {tuple(sd[k].shape)} != {tuple(t.shape)}" for k, t in want.items()
              if k in sd and sd[k].shape != t.shape]
+    # an integer or bool tensor where a weight belongs: a broken or hostile file, not a cast to make
+    wrong += [f"{k} is {sd[k].dtype}" for k, t in want.items()
+              if k in sd and t.is_floating_point() and not sd[k].is_floating_point()]
     if missing or wrong:
         hint = f" (does {spec.source} describe this checkpoint?)" if spec is not None else ""
-        detail = f"{len(missing)} weights missing, e.g. {missing[:2]}" if missing else f"shapes differ: {wrong[:2]}"
+        detail = f"{len(missing)} weights missing, e.g. {missing[:2]}" if missing else f"weights differ: {wrong[:2]}"
         raise CheckpointError(f"the {what} does not fit its config: {detail}{hint}")
     taken = {}
     for k in want:

@@ -79,10 +79,11 @@ TEXT_PREFIXES = {"sd1": (SD1_TEXT,), "sd2": (SD2_TEXT,), "sdxl": (SDXL_L_TEXT, S
 
 
 class CheckpointError(PrepareError):
-    """A checkpoint that cannot be used, said about `pretrained_model_name_or_path` (CLI exit 2)."""
+    """A checkpoint that cannot be used, said about `pretrained_model_name_or_path` (CLI exit 2;
+    the CLI puts the field name before the message)."""
 
     def __init__(self, message: str):
-        super().__init__("pretrained_model_name_or_path", f"pretrained_model_name_or_path: {message}")
+        super().__init__("pretrained_model_name_or_path", message)
 
 
 @dataclass
@@ -100,16 +101,34 @@ class Spec:
 
     @property
     def unet_params(self) -> dict:
-        return (self.params.get("unet_config") or self.params.get("network_config") or {}).get("params", {})
+        return _section(_section(self.params, "unet_config") or _section(self.params, "network_config"), "params")
 
     def prediction(self) -> str:
         if self.params.get("parameterization") == "v":
             return "v_prediction"
-        scaling = str(self.params.get("denoiser_config", {}).get("params", {}).get("scaling_config", {}).get("target"))
+        scaling = str(_section(_section(_section(self.params, "denoiser_config"), "params"), "scaling_config").get("target"))
         return "v_prediction" if scaling.rsplit(".", 1)[-1].startswith("VScaling") else "epsilon"
 
+    def check_numbers(self) -> None:
+        """The yaml's plain numbers, which diffusers takes as given and which would otherwise fail
+        (or allocate without bound) only once used: the noise schedule, the latent scale, the size."""
+        p, where = self.params, self.source
+
+        def num(key: str, default: float, lo: float, hi: float, whole: bool = False, d: dict | None = None) -> None:
+            v = (p if d is None else d).get(key, default)
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and (not whole or float(v).is_integer())
+            if not ok or not lo <= v <= hi:
+                raise CheckpointError(f"{where}: {key} must be a {'whole ' if whole else ''}number in {lo}..{hi}, "
+                                      f"got {v!r:.40}")
+
+        num("timesteps", 1000, 1, 100000, whole=True)
+        num("linear_start", 0.00085, 1e-8, 1.0)
+        num("linear_end", 0.012, 1e-8, 1.0)
+        num("scale_factor", 0.18215, 1e-6, 100.0)
+        num("image_size", 64, 1, 4096, whole=True, d=self.unet_params)
+
     def text_heads(self) -> list[int | None]:
-        heads = (self.config.get("ti_trainer") or {}).get("text_encoder_heads")
+        heads = _section(self.config, "ti_trainer").get("text_encoder_heads")
         n = len(TEXT_PREFIXES[self.family])
         if heads is None:
             return [None] * n
@@ -122,12 +141,29 @@ class Spec:
     def sd2_last_layer(self) -> bool:
         """Whether SD2's OpenCLIP runs all its layers: ldm's default `layer: last`; SD2's own yaml
         files (and the standard config here) say `penultimate`, so the last block is dropped."""
-        return (self.params.get("cond_stage_config", {}).get("params") or {}).get("layer", "last") == "last"
+        return _section(_section(self.params, "cond_stage_config"), "params").get("layer", "last") == "last"
 
     def time_embed_dim(self) -> int:
-        models = self.params.get("conditioner_config", {}).get("params", {}).get("emb_models", [])
-        dims = [(m.get("params") or {}).get("outdim") for m in models if "ConcatTimestepEmbedderND" in str(m.get("target"))]
-        return int(dims[0]) if dims and dims[0] else 256
+        dims = [_section(m, "params").get("outdim") for m in _emb_models(self.params)
+                if "ConcatTimestepEmbedderND" in str(m.get("target"))]
+        return int(dims[0]) if dims and isinstance(dims[0], int) and dims[0] > 0 else 256
+
+
+def _section(d: dict, key: str) -> dict:
+    """d[key] as a mapping ({} when absent); a yaml whose section is not one is refused by name."""
+    value = d.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise CheckpointError(f"the model yaml's '{key}' must be a mapping, not {type(value).__name__} {value!r:.60}")
+    return value
+
+
+def _emb_models(params: dict) -> list[dict]:
+    models = _section(_section(params, "conditioner_config"), "params").get("emb_models") or []
+    if not isinstance(models, list) or not all(isinstance(m, dict) for m in models):
+        raise CheckpointError("the model yaml's 'emb_models' must be a list of mappings")
+    return models
 
 
 def yaml_beside(path: str | os.PathLike) -> Path | None:
@@ -135,11 +171,17 @@ def yaml_beside(path: str | os.PathLike) -> Path | None:
     return cand if cand.is_file() else None
 
 
+_YAML_MAX = 1 << 20  # ldm/sgm configs are a few KB; a bigger file beside a checkpoint is not one
+
+
 def read_yaml(path: Path) -> dict:
     try:
+        if path.stat().st_size > _YAML_MAX:
+            raise CheckpointError(f"{path} is {path.stat().st_size} bytes: too large for a model config")
         cfg = yaml.safe_load(path.read_text(encoding="utf-8"))  # safe_load: data only, never objects
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        raise CheckpointError(f"cannot read {path}: {e}") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError) as e:
+        first = " ".join(str(e).split())[:300]  # yaml's messages span lines; one line here
+        raise CheckpointError(f"cannot read {path}: {first}") from None
     if not isinstance(cfg, dict) or not isinstance(cfg.get("model"), dict) \
             or not isinstance(cfg["model"].get("params"), dict):
         raise CheckpointError(f"{path} is not an ldm/sgm model config (no model.params)")
@@ -149,13 +191,13 @@ def read_yaml(path: Path) -> dict:
 def _family_of_config(cfg: dict, where: str) -> str:
     params = cfg["model"]["params"]
     if params.get("network_config"):
-        models = params.get("conditioner_config", {}).get("params", {}).get("emb_models", [])
+        models = _emb_models(params)
         targets = [str(m.get("target", "")).rsplit(".", 1)[-1] for m in models]
         if targets[:2] == ["FrozenCLIPEmbedder", "FrozenOpenCLIPEmbedder2"]:
             return "sdxl"
         raise CheckpointError(f"{where}: an sgm model whose text encoders are {targets[:2]} (an SDXL refiner?); "
                               "embeddings train on SD1, SD2 or the SDXL base")
-    target = str((params.get("cond_stage_config") or {}).get("target", "")).rsplit(".", 1)[-1]
+    target = str(_section(params, "cond_stage_config").get("target", "")).rsplit(".", 1)[-1]
     fam = {"FrozenCLIPEmbedder": "sd1", "FrozenOpenCLIPEmbedder": "sd2"}.get(target)
     if fam is None:
         raise CheckpointError(f"{where}: text encoder '{target or '-'}' is not CLIP-L (SD1) or OpenCLIP-H (SD2)")
@@ -171,6 +213,7 @@ def describe(path: str | os.PathLike, shapes: dict[str, tuple[int, ...]]) -> Spe
     else:
         spec = _guess(shapes)
     _check(spec, shapes, path)
+    spec.check_numbers()
     return spec
 
 
@@ -206,3 +249,33 @@ def _check(spec: Spec, shapes: dict[str, tuple[int, ...]], path: Any) -> None:
                                   f"under '{prefix}'")
     if not any(k.startswith(VAE + "encoder.") for k in shapes):
         raise CheckpointError(f"'{path}' has no VAE weights (first_stage_model.*)")
+    _check_widths(spec, shapes, path)
+
+
+_TOKEN_EMBEDDING = {SD1_TEXT: ("text_model.embeddings.token_embedding.weight", "embeddings.token_embedding.weight"),
+                    SDXL_L_TEXT: ("text_model.embeddings.token_embedding.weight",),
+                    SD2_TEXT: ("token_embedding.weight",), SDXL_G_TEXT: ("token_embedding.weight",)}
+
+
+def _check_widths(spec: Spec, shapes: dict[str, tuple[int, ...]], path: Any) -> None:
+    """The text encoders must feed the UNet: their widths (summed for SDXL) are its cross-attention
+    width, and SDXL's pooled projection plus the size embeddings its label_emb input. A mismatch
+    (a text encoder swapped in from another model) would otherwise fail mid-training."""
+    widths = []
+    for prefix in TEXT_PREFIXES[spec.family]:
+        tok = next((shapes[prefix + k] for k in _TOKEN_EMBEDDING[prefix] if prefix + k in shapes), None)
+        if tok is None or len(tok) != 2:
+            return  # said precisely when the text encoder is built
+        widths.append(tok[1])
+    context = next((s for k, s in shapes.items() if k.startswith(UNET) and k.endswith(".attn2.to_k.weight")), None)
+    if context is not None and len(context) == 2 and context[1] != sum(widths):
+        raise CheckpointError(f"'{path}': the text encoder{'s give' if len(widths) > 1 else ' gives'} "
+                              f"{'+'.join(map(str, widths))} channels but the UNet attends to {context[1]}: "
+                              "the text encoder is not this model's")
+    label = shapes.get(UNET + "label_emb.0.0.weight")
+    proj = shapes.get(SDXL_G_TEXT + "text_projection")
+    if spec.family == "sdxl" and label and proj and len(label) == 2 and len(proj) == 2:
+        want = proj[1] + 6 * spec.time_embed_dim()  # pooled text + original/crop/target sizes
+        if label[1] != want:
+            raise CheckpointError(f"'{path}': the UNet's size/pooled input takes {label[1]} channels, the text "
+                                  f"projection and size embeddings give {want}")

@@ -15,6 +15,7 @@ from fastapi import HTTPException
 
 from lib_ti import preflight
 from lib_ti.config import TrainConfig
+from lib_ti.config_compat import INVOKEAI_ALIASES, INVOKEAI_ONLY
 from lib_ti.webui import api_paths, job
 from lib_ti.webui.tasks import REGISTRY
 
@@ -75,9 +76,16 @@ def bad_value(v: Any) -> str | None:
 
 def screen(values: dict[str, Any]) -> tuple[dict[str, Any], dict[Loc, str]]:
     out, errors = {}, {}
+    fields = set(TrainConfig.field_names())
     for key, v in values.items():
         if bad_value(key):
             errors[("?",)] = "an option name is not valid Unicode text"
+        elif key in INVOKEAI_ONLY and key not in fields:
+            # InvokeAI's names are translated inside TrainConfig, after the path and host-field rules
+            # here: refused, so `model`/`resume_from_checkpoint` cannot name what those rules forbid
+            ours = INVOKEAI_ALIASES.get(key)
+            errors[(key,)] = ("is an InvokeAI option name, read only from CLI configs; the API takes this "
+                              "trainer's names" + (f" (here: {ours})" if ours else ""))
         elif key == "preview" and isinstance(v, dict) and not any(bad_value(k) for k in v):
             out[key] = v  # check_preview names the bad key itself
         elif bad_value(v):

@@ -18,7 +18,7 @@ from lib_ti.webui import host, ui_dataset, ui_handlers
 from lib_ti.webui.job import PREVIEW_KEYS
 from lib_ti.webui.ui_form import (
     NEW_EMBEDDING,
-    PROMPT_SOURCES,
+    TEMPLATE_FILE_SOURCE,
     TEMPLATE_NAMES,
     component,
     elem_id,
@@ -243,7 +243,7 @@ def _wire(ui: TabUI) -> None:
                        outputs=[p["publish_result"]])
     p["refresh_embeddings"].click(fn=lambda: gr.update(choices=ui_handlers.embedding_choices()),
                                   inputs=[], outputs=[ui.form["weights"]], queue=False)
-    ui.form["prompt_source"].change(fn=lambda s: gr.update(visible=s == PROMPT_SOURCES[3]),
+    ui.form["prompt_source"].change(fn=lambda s: gr.update(visible=s == TEMPLATE_FILE_SOURCE),
                                     inputs=[ui.form["prompt_source"]], outputs=[ui.form["template_file"]],
                                     queue=False)
     p["preview_dataset"].click(

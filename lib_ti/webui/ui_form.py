@@ -62,9 +62,10 @@ LABELS = {
     "auto_stop_window": "Auto-stop window", "auto_stop_threshold": "Auto-stop threshold",
 }
 
-# The prompt source is one choice in the form and three fields in the config.
-PROMPT_SOURCES = ("captions", "object template", "style template", "A1111 template file")
-PROMPT_SOURCE_FIELDS = ("use_object_template", "use_style_template", "template_file")
+# The prompt source is one choice in the form and four fields in the config.
+PROMPT_SOURCES = ("auto", "captions", "object template", "style template", "A1111 template file")
+TEMPLATE_FILE_SOURCE = PROMPT_SOURCES[4]
+PROMPT_SOURCE_FIELDS = ("prompt_source", "use_object_template", "use_style_template", "template_file")
 TEMPLATE_NAMES = ("subject", "style", "subject_filewords", "style_filewords", "none")
 NEW_EMBEDDING = "None"  # the resume dropdown's "start fresh" (the host's own dropdowns say None too)
 EMBEDDING_EXTS = (".safetensors", ".pt", ".bin")
@@ -115,8 +116,9 @@ def component(name: str, **overrides: Any) -> gr.components.Component:
 
 def prompt_source_component() -> gr.Radio:
     return gr.Radio(choices=list(PROMPT_SOURCES), value=PROMPT_SOURCES[0], label="Prompts from",
-                    info="captions next to the images, A1111's built-in templates, or a template file "
-                    "[use_object_template, use_style_template, template_file]",
+                    info="auto: each image's caption, the object template for an image without one; "
+                    "captions only; A1111's built-in templates; or a template file "
+                    "[prompt_source] [use_object_template] [use_style_template] [template_file]",
                     elem_id=elem_id("prompt_source"))
 
 
@@ -135,10 +137,11 @@ def list_embeddings(folder: str | None) -> list[str]:
 def to_config_values(values: dict[str, Any], embeddings_dir: str | None) -> dict[str, Any]:
     """Form values (component name -> value) to config values (field -> value)."""
     out = {k: v for k, v in values.items() if k in fields()}
-    source = values.get("prompt_source", PROMPT_SOURCES[0])
-    out["use_object_template"] = source == PROMPT_SOURCES[1]
-    out["use_style_template"] = source == PROMPT_SOURCES[2]
-    out["template_file"] = (values.get("template_file") or "") if source == PROMPT_SOURCES[3] else ""
+    source = values.get("prompt_source") or PROMPT_SOURCES[0]
+    out["prompt_source"] = "captions" if source == "captions" else "auto"
+    out["use_object_template"] = source == "object template"
+    out["use_style_template"] = source == "style template"
+    out["template_file"] = (values.get("template_file") or "") if source == TEMPLATE_FILE_SOURCE else ""
     weights = (values.get("weights") or "").strip()
     if weights in ("", NEW_EMBEDDING):
         out["weights"] = ""
