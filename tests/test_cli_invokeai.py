@@ -12,8 +12,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from lib_ti import cli, formats
-from lib_ti.family.base import SINGLE_SLOT
-from lib_ti.family.load import load_diffusers_model
+from lib_ti.diffusers_backend.load import load_diffusers_model
+from lib_ti.model import SINGLE_SLOT
 from lib_ti.tokens import init_vectors
 
 pytestmark = pytest.mark.slow
