@@ -23,8 +23,8 @@ if str(ROOT) not in sys.path:  # `python bench/x.py` puts bench/, not the root, 
     sys.path.insert(0, str(ROOT))
 
 from lib_ti.config import TrainConfig  # noqa: E402
-from lib_ti.family import inject  # noqa: E402
-from lib_ti.family.base import SDXL_SLOTS, SINGLE_SLOT  # noqa: E402
+from lib_ti.diffusers_backend import inject  # noqa: E402
+from lib_ti.model import SDXL_SLOTS, SINGLE_SLOT  # noqa: E402
 from lib_ti.train import autocast_for  # noqa: E402
 
 TOKEN = "benchtok123"
@@ -74,7 +74,7 @@ def weight_dtype(args: argparse.Namespace) -> torch.dtype:
 
 
 def build_model(args: argparse.Namespace, seed: int = 0):
-    from lib_ti.family.random_models import build_random_model
+    from tests.support.random_models import build_random_model
 
     if args.threads is None and args.quick and torch.device(args.device).type == "cpu":
         args.threads = 1

@@ -40,10 +40,11 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from lib_ti.config import TrainConfig
 from lib_ti.data.captions import IMAGENET_TEMPLATES_SMALL as TEMPLATES
-from lib_ti.family import inject, random_models
-from lib_ti.family.diffusers_sd import DiffusersSD
+from lib_ti.diffusers_backend import inject
+from lib_ti.diffusers_backend.diffusers_sd import DiffusersSD
 from lib_ti.loss import add_noise
 from lib_ti.train import run_training
+from tests.support import random_models
 
 CACHE = Path(__file__).resolve().parent / ".cache"
 POOL, SIZE = 4, 64  # 64 px images, 16 x 16 x 3 "latents"

@@ -119,7 +119,7 @@ def print_state_sizes(m: dict, args: argparse.Namespace, work: Path) -> None:
 def main(argv: list[str] | None = None) -> float:
     args = parse(argv)
     if args.cheap_dtype:
-        from lib_ti.family.diffusers_sd import DiffusersModel
+        from lib_ti.diffusers_backend.diffusers_sd import DiffusersModel
 
         DiffusersModel.dtype = property(lambda self: next(self.unet.parameters()).dtype)  # type: ignore[assignment]
     torch.manual_seed(0)

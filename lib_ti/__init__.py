@@ -1,4 +1,5 @@
-"""Textual Inversion training core: host-free (torch, safetensors, PIL, numpy only).
+"""Textual Inversion training core: host-free (torch, safetensors, PIL, numpy; diffusers and
+transformers only in lib_ti.diffusers_backend).
 
 `lib_ti.webui` is the only subpackage that may touch the WebUI host or gradio; nothing else in
 `lib_ti` imports it.

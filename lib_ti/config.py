@@ -17,8 +17,9 @@ from typing import Any
 from lib_ti import config_compat
 from lib_ti.config_compat import NOTED_KEYS
 from lib_ti.schedule import SCHEDULERS, parse_piecewise
+from lib_ti.toml_compat import MISSING, toml_module
 
-__all__ = ["NOTED_KEYS", "OPTIMIZERS", "ConfigError", "TrainConfig", "toml_module"]
+__all__ = ["NOTED_KEYS", "OPTIMIZERS", "ConfigError", "TrainConfig"]
 
 
 class ConfigError(ValueError):
@@ -174,6 +175,8 @@ class TrainConfig:
     @classmethod
     def from_toml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
         tomllib = toml_module()
+        if tomllib is None:
+            raise ConfigError({"config_file": MISSING})
         with open(path, "rb") as f:
             try:
                 data = tomllib.load(f)
@@ -301,19 +304,6 @@ SUBSET_FIELDS = ("caption_extension", "shuffle_caption", "keep_tokens", "caption
                  "secondary_separator", "caption_prefix", "caption_suffix", "enable_wildcard", "caption_dropout_rate",
                  "caption_dropout_every_n_epochs", "caption_tag_dropout_rate", "token_warmup_min", "token_warmup_step",
                  "flip_aug", "random_crop")
-
-
-def toml_module():
-    """tomllib on Python 3.11+, tomli on 3.10 (which A1111 recommends; install.py adds it there).
-    Imported on use so that hosts without either can still train without TOML files."""
-    try:
-        import tomllib
-    except ModuleNotFoundError:
-        try:
-            import tomli as tomllib
-        except ModuleNotFoundError:
-            raise ConfigError({"config_file": "reading TOML on Python 3.10 needs the 'tomli' package"}) from None
-    return tomllib
 
 
 def _range(lo: float | None, hi: float | None) -> str:

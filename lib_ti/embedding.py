@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lib_ti.family.base import SDXL_SLOTS, SINGLE_SLOT
+from lib_ti.model import SDXL_SLOTS, SINGLE_SLOT
 
 # Widths of the real encoders; tiny test models use other widths and get family "unknown"
 # from the width alone (the model they belong to knows better).

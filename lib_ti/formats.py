@@ -21,7 +21,7 @@ import torch
 
 from lib_ti import files, safe_pickle
 from lib_ti.embedding import Embedding
-from lib_ti.family.base import SDXL_SLOTS, SINGLE_SLOT
+from lib_ti.model import SDXL_SLOTS, SINGLE_SLOT
 
 FIELDS = ("step", "name", "sd_checkpoint", "sd_checkpoint_name")
 SAVE_FORMATS = ("safetensors", "a1111-pt", "diffusers")

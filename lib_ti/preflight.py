@@ -15,7 +15,7 @@ import torch
 
 from lib_ti import optim
 from lib_ti.config import ConfigError, TrainConfig
-from lib_ti.family.base import TrainableModel
+from lib_ti.model import TrainableModel
 
 MAX_NAME_BYTES = 200  # leaves room for '-<step>.safetensors' under the usual 255-byte limit
 WINDOWS_FORBIDDEN = '<>:"/\\|?*'

@@ -13,7 +13,7 @@ import torch
 from lib_ti import data, formats
 from lib_ti.config import TrainConfig
 from lib_ti.embedding import Embedding
-from lib_ti.family.base import SINGLE_SLOT, SizeCond, TrainableModel
+from lib_ti.model import SINGLE_SLOT, SizeCond, TrainableModel
 from lib_ti.tokens import TokenError, check_token_string, init_vectors
 
 

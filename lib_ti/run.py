@@ -19,7 +19,7 @@ from typing import Any
 from lib_ti import files, formats, outputs, resume
 from lib_ti.config import ConfigError, TrainConfig
 from lib_ti.embedding import Embedding
-from lib_ti.family.base import TrainableModel
+from lib_ti.model import TrainableModel
 from lib_ti.train import Callbacks, Progress, TrainResult, run_training
 
 log = logging.getLogger("lib_ti")

@@ -6,7 +6,7 @@ import re
 
 import torch
 
-from lib_ti.family.base import TrainableModel
+from lib_ti.model import TrainableModel
 
 # The token is also the file stem the WebUI loads it by, so it must be a safe file name too.
 _SAFE = re.compile(r"^[A-Za-z0-9_.\-]+$")

@@ -15,8 +15,8 @@ import torch
 from lib_ti import data, resume
 from lib_ti.config import TrainConfig
 from lib_ti.embedding import Embedding
-from lib_ti.family.base import TrainableModel
 from lib_ti.loss import add_noise, flattened, per_sample_mse, snr_weight, target_for
+from lib_ti.model import TrainableModel
 from lib_ti.optim import make_optimizer
 from lib_ti.prepare import Prepared, ValidationBatch, prepare
 from lib_ti.schedule import lr_at, parse_piecewise

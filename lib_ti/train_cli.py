@@ -75,7 +75,7 @@ def compute_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
 
 def render_samples(cfg: TrainConfig, model: Any, emb: Embedding, step: int) -> list[str]:
     """Previews into <output_dir>/sample/, as kohya does; the training size unless a line says."""
-    from lib_ti.family.preview import render
+    from lib_ti.diffusers_backend.preview import render
 
     w, h = cfg.resolution_wh()
     out = Path(cfg.output_dir or ".") / "sample"
@@ -115,7 +115,7 @@ def check_before_loading(cfg: TrainConfig) -> tuple[torch.device, run.FolderOutp
     if os.path.exists(out.final_dir) and not os.path.isdir(out.final_dir):
         raise ConfigError({"output_dir": f"'{cfg.output_dir}' is a file, not a folder"})
     run.check_names(out, cfg)
-    from lib_ti.family.load import check_model_path
+    from lib_ti.diffusers_backend.load import check_model_path
 
     try:  # its json files or header only: the weights load later
         check_model_path(cfg.pretrained_model_name_or_path)
@@ -127,7 +127,7 @@ def check_before_loading(cfg: TrainConfig) -> tuple[torch.device, run.FolderOutp
 
 
 def train(cfg: TrainConfig, stop: Any = None) -> run.RunResult:
-    from lib_ti.family.load import load_diffusers_model
+    from lib_ti.diffusers_backend.load import load_diffusers_model
 
     device, out = check_before_loading(cfg)
     try:

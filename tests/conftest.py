@@ -5,29 +5,35 @@ models must not change their weights or leave flags changed (training() restores
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from pathlib import Path
 
 import pytest
+
+# One torch thread, here and in every subprocess the tests start (CLI, torchrun, the UI harness):
+# the tiny models gain nothing from a second thread, and on a busy CI box OpenMP threads waiting on
+# each other made training steps 4-20x slower. Set before torch is imported; an explicit value wins.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 SEED = 0
 
 
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory):
-    from lib_ti.family.vocab import tokenizer_dir as build
+    from lib_ti.diffusers_backend.vocab import tokenizer_dir as build
 
     return build(tmp_path_factory.mktemp("clip_tokenizer"))
 
 
 def _model(family, tokenizer_dir):
-    from lib_ti.family.random_models import build_random_model
+    from tests.support.random_models import build_random_model
 
     return build_random_model("tiny", family, seed=SEED, tokenizer_dir=tokenizer_dir)
 
 
 def _folder(family, tmp_path_factory, tokenizer_dir):
-    from lib_ti.family.random_models import save_random_model
+    from tests.support.random_models import save_random_model
 
     # same preset and seed as the in-memory fixture, so both hold the same weights
     return save_random_model("tiny", family, tmp_path_factory.mktemp(f"tiny_{family}") / "model", seed=SEED,

@@ -1,6 +1,6 @@
 """Tiny single-file checkpoints in the ldm/sgm key layout A1111 saves, written without any host code.
 
-Starts from the random diffusers models (lib_ti.family.random_models) and maps their keys back to
+Starts from the random diffusers models (tests.support.random_models) and maps their keys back to
 the ldm/sgm layout (the inverse of diffusers' single-file conversion, as diffusers' scripts
 convert_diffusers_to_original_stable_diffusion[_sdxl].py do). `write_checkpoint` checks its UNet and
 VAE inverse by running diffusers' own ldm->diffusers converters on the result and requiring the
@@ -22,7 +22,7 @@ from diffusers.loaders import single_file_utils as sfu
 from PIL import Image, ImageDraw
 from safetensors.torch import save_file
 
-from lib_ti.family import random_models
+from tests.support import random_models
 
 TEXT_PREFIX = {"sd1": ["cond_stage_model.transformer."], "sd2": ["cond_stage_model.model."],
                "sdxl": ["conditioner.embedders.0.transformer.", "conditioner.embedders.1.model."]}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from lib_ti.family.inject import PromptTokenizer
+from lib_ti.diffusers_backend.inject import PromptTokenizer
 
 W, T = "cat", "mytok123"  # "cat" is one CLIP token; the trigger is several
 

@@ -1,7 +1,10 @@
-"""`python -m lib_ti inspect/convert/train`: run as users run it, in a subprocess."""
+"""`python -m lib_ti inspect/convert/train`: the real entry point in a subprocess for --help, a user
+error and the table; the rest through the same `cli.main` in this process (no interpreter start)."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import subprocess
 import sys
@@ -19,9 +22,17 @@ ROOT = Path(__file__).resolve().parent.parent
 XL = {"clip_l": 768, "clip_g": 1280}
 
 
-def run(*args: str) -> subprocess.CompletedProcess:
+def run_process(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "lib_ti", *map(str, args)], capture_output=True, text=True,
                           timeout=120, cwd=ROOT)
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    """What `python -m lib_ti` runs (`__main__` only calls cli.main), without starting an interpreter."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli.main([str(a) for a in args])
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 def vec(n: int, width: int, seed: int = 0) -> torch.Tensor:
@@ -109,7 +120,7 @@ def test_inspect_json_every_layout(tmp_path, make):
 
 def test_inspect_table(tmp_path):
     make_kohya_sdxl(tmp_path)
-    r = run("inspect", tmp_path / "kxl.safetensors")
+    r = run_process("inspect", tmp_path / "kxl.safetensors")
     assert r.returncode == 0, r.stderr
     for text in ("sdxl", "clip_l 768 + clip_g 1280", "clip_g", "ss_steps: 5", "vectors"):
         assert text in r.stdout
@@ -150,7 +161,7 @@ def one_error_line(r: subprocess.CompletedProcess, code: int, *needles: str) -> 
 
 
 def test_bad_input_is_one_line_exit_2(tmp_path, capsys):
-    one_error_line(run("inspect", tmp_path / "missing.pt"), 2, "missing.pt")  # the real entry point
+    one_error_line(run_process("inspect", tmp_path / "missing.pt"), 2, "missing.pt")  # the real entry point
 
     def check(args, *needles):  # the rest in-process: same code, no interpreter start-up
         code = cli.main([str(a) for a in args])
@@ -191,7 +202,7 @@ def test_malicious_pt_is_refused(tmp_path):
 
 
 def test_help_exits_0():
-    r = run("--help")
+    r = run_process("--help")
     assert r.returncode == 0 and "inspect" in r.stdout and "convert" in r.stdout and "train" in r.stdout
 
 

@@ -5,16 +5,15 @@ kohya's debug_dataset lists what training would see without loading a model."""
 from __future__ import annotations
 
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from lib_ti import formats
-from lib_ti.family.base import SINGLE_SLOT
-from lib_ti.family.load import load_diffusers_model
+from lib_ti import cli, formats
+from lib_ti.diffusers_backend.load import load_diffusers_model
+from lib_ti.model import SINGLE_SLOT
 from lib_ti.tokens import init_vectors
 
 pytestmark = pytest.mark.slow
@@ -34,9 +33,12 @@ def make_images(folder, n=4, size=64, caption=True):
     return folder
 
 
-def train(toml) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lib_ti", "train", "--config_file", str(toml)],
-                          capture_output=True, text=True, timeout=300)
+def train(toml, capsys) -> subprocess.CompletedProcess:
+    """`python -m lib_ti train`'s entry, in this process: the subprocess path is covered by
+    test_train_e2e and test_cli_run; here an interpreter start per run would only cost time."""
+    code = cli.main(["train", "--config_file", str(toml)])
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(["train", str(toml)], code, out.out, out.err)
 
 
 def invokeai_toml(tmp_path, model_dir, extra: str = "", steps: int = 4):
@@ -66,9 +68,9 @@ validation_every_n_steps = 0
     return toml
 
 
-def test_invokeai_config_trains_and_writes_learned_embeds_bin(tiny_sd1_dir, tmp_path):
+def test_invokeai_config_trains_and_writes_learned_embeds_bin(tiny_sd1_dir, tmp_path, capsys):
     toml = invokeai_toml(tmp_path, tiny_sd1_dir, "save_steps = 2\n")
-    run = train(toml)
+    run = train(toml, capsys)
     assert run.returncode == 0, run.stderr + run.stdout
     assert "InvokeAI prompts type it as <redthing>" in run.stdout and "only_save_embeds" in run.stdout
     out = tmp_path / "out"
@@ -86,14 +88,14 @@ def test_invokeai_config_trains_and_writes_learned_embeds_bin(tiny_sd1_dir, tmp_
     # InvokeAI's "Resume from last saved checkpoint": continues from the newest checkpoint in output_dir
     final.unlink()
     resumed = train(invokeai_toml(tmp_path, tiny_sd1_dir,
-                                  'save_steps = 2\nresume_from_checkpoint = "latest"\n', steps=6))
+                                  'save_steps = 2\nresume_from_checkpoint = "latest"\n', steps=6), capsys)
     assert resumed.returncode == 0, resumed.stderr + resumed.stdout
     assert f"continuing from {out / 'redthing-2.safetensors'}" in resumed.stdout  # step 4 is the final file
     assert "done: trained 6 steps" in resumed.stdout and (out / "redthing-4.safetensors").is_file()
     assert formats.read_embedding(str(out / "redthing-4.safetensors")).step == 4  # counted on from step 2
 
 
-def test_debug_dataset_lists_images_and_prompts_without_a_model(tmp_path):
+def test_debug_dataset_lists_images_and_prompts_without_a_model(tmp_path, capsys):
     data = make_images(tmp_path / "data", n=2)
     toml = tmp_path / "kohya.toml"
     toml.write_text(f"""
@@ -106,7 +108,7 @@ caption_tag_dropout_rate = 0.5
 keep_tokens = 1
 debug_dataset = true
 """)
-    run = train(toml)
+    run = train(toml, capsys)
     assert run.returncode == 0, run.stderr + run.stdout
     assert run.stdout.count("img") >= 2 and "64x64" in run.stdout
     assert "prompt 1: 'best a photo of mytok123" in run.stdout

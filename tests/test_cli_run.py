@@ -19,17 +19,13 @@ from lib_ti import formats, resume
 pytestmark = pytest.mark.slow
 
 
-def train_here(toml, capsys):
-    """In this process (no interpreter start): (exit code, stderr)."""
+def train_here(toml, capsys, with_stdout=False):
+    """In this process (no interpreter start): (exit code, stderr), or (code, stdout, stderr)."""
     from lib_ti import cli
 
     code = cli.main(["train", "--config_file", str(toml)])
-    return code, capsys.readouterr().err
-
-
-def train(toml, timeout=300):
-    return subprocess.run([sys.executable, "-m", "lib_ti", "train", "--config_file", str(toml)],
-                          capture_output=True, text=True, timeout=timeout)
+    out = capsys.readouterr()
+    return (code, out.out, out.err) if with_stdout else (code, out.err)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
@@ -84,37 +80,37 @@ def test_user_errors_exit_2_plainly_and_leave_no_folder(tmp_path, tiny_sd1_dir, 
         assert not out.exists(), err
 
 
-def test_loss_file_is_named_after_the_run_and_one_name_covers_every_layout(tiny_sd1_dir, tmp_path):
+def test_loss_file_is_named_after_the_run_and_one_name_covers_every_layout(tiny_sd1_dir, tmp_path, capsys):
     toml, out = cli_config(tiny_sd1_dir, tmp_path, """
 max_train_steps = 4
 validation_every_n_steps = 2
 validation_batch_size = 1
 """)
-    assert train(toml).returncode == 0
+    assert train_here(toml, capsys)[0] == 0
     rows = list(csv.DictReader((out / f"{TOKEN}.loss.csv").read_text().splitlines()))
     assert [r["step"] for r in rows] == ["1", "2", "3", "4"]
     assert [bool(r["val_loss"]) for r in rows] == [False, True, False, True]  # empty where none ran
     assert not (out / "loss.csv").exists()
 
     toml.write_text(toml.read_text() + 'save_model_as = "pt"\n')
-    r = train(toml)  # <name>.pt beside <name>.safetensors: the hosts would load one of the two
-    assert r.returncode == 2 and f"{TOKEN}.safetensors" in r.stderr and not (out / f"{TOKEN}.pt").exists()
+    code, err = train_here(toml, capsys)  # <name>.pt beside <name>.safetensors: the hosts would load one of the two
+    assert code == 2 and f"{TOKEN}.safetensors" in err and not (out / f"{TOKEN}.pt").exists()
 
 
-def test_cli_resume_continues_exactly_and_pt_passes_the_hosts_check(tiny_sd1_dir, tmp_path):
+def test_cli_resume_continues_exactly_and_pt_passes_the_hosts_check(tiny_sd1_dir, tmp_path, capsys):
     common = 'validation_every_n_steps = 0\nflip_aug = true\ntrain_batch_size = 2\nseed = 5\nsave_model_as = "pt"\n'
     toml, out = cli_config(tiny_sd1_dir, tmp_path, common + "max_train_steps = 6\n")
-    assert train(toml).returncode == 0
+    assert train_here(toml, capsys)[0] == 0
     straight = formats.read_embedding(out / f"{TOKEN}.pt")
     half, _ = cli_config(tiny_sd1_dir, tmp_path, common + 'max_train_steps = 3\noutput_name = "half"\n')
-    assert train(half).returncode == 0
+    assert train_here(half, capsys)[0] == 0
     more, _ = cli_config(tiny_sd1_dir, tmp_path, common + f"""max_train_steps = 6
 output_name = "half"
 overwrite = true
 weights = "{out / 'half.pt'}"
 """)
-    r = train(more)
-    assert r.returncode == 0 and "resuming exactly from step 3" in r.stdout, r.stdout + r.stderr
+    code, stdout, err = train_here(more, capsys, with_stdout=True)
+    assert code == 0 and "resuming exactly from step 3" in stdout, stdout + err
     resumed = formats.read_embedding(out / "half.pt")
     assert resumed.step == 6 and torch.allclose(resumed.vectors["emb"], straight.vectors["emb"], atol=1e-6, rtol=0)
 

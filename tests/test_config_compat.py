@@ -10,7 +10,7 @@ from lib_ti import formats, outputs
 from lib_ti.config import ConfigError, TrainConfig
 from lib_ti.config_compat import INVOKEAI_DEFAULTS, NOTED_KEYS, REFUSED_WHEN_ON, latest_checkpoint
 from lib_ti.embedding import Embedding
-from lib_ti.family.base import SINGLE_SLOT
+from lib_ti.model import SINGLE_SLOT
 
 BASE = dict(token_string="mytok", train_data_dir="/data")
 

@@ -22,7 +22,7 @@ from lib_ti.data import (
     scan,
 )
 from lib_ti.data.captions import caption_text, captions_missing_token, dropped
-from lib_ti.family.base import SINGLE_SLOT
+from lib_ti.model import SINGLE_SLOT
 from lib_ti.tokens import init_vectors
 from lib_ti.train import run_training
 

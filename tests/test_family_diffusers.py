@@ -8,7 +8,7 @@ import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from safetensors.torch import save_file
 
-from lib_ti.family.base import SizeCond
+from lib_ti.model import SizeCond
 
 TOKEN = "mytok123"
 CPU = torch.device("cpu")
@@ -43,7 +43,7 @@ def test_sd_matches_diffusers_textual_inversion(family, request, tmp_path):
 
 
 def test_sd1_clip_skip_matches_diffusers(tiny_sd1, tiny_sd1_dir):
-    from lib_ti.family.load import load_diffusers_model
+    from lib_ti.diffusers_backend.load import load_diffusers_model
 
     skip2 = load_diffusers_model(tiny_sd1_dir, clip_skip=2)
     pipe = StableDiffusionPipeline(**{k: getattr(skip2, k) for k in

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lib_ti.family import inject, vocab
-from lib_ti.family.base import TrainableModel
+from lib_ti.diffusers_backend import inject, vocab
+from lib_ti.model import TrainableModel
 
 TOKEN = "mytok123"
 FAMILIES = ["tiny_sd1", "tiny_sd2v", "tiny_sdxl"]

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from lib_ti.family import random_models
-from lib_ti.family.load import ModelFolderError, detect_family, load_diffusers_model
+from lib_ti.diffusers_backend.load import ModelFolderError, detect_family, load_diffusers_model
+from tests.support import random_models
 
 TOKEN = "mytok123"
 

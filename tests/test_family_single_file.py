@@ -13,7 +13,7 @@ import torch
 from single_file_fixture import images, write_checkpoint
 
 from lib_ti import cli, formats
-from lib_ti.family.load import ModelFolderError, load_diffusers_model
+from lib_ti.diffusers_backend.load import ModelFolderError, load_diffusers_model
 
 TOKEN = "mytok123"
 FAMILIES = ["sd1", "sd2", "sdxl"]
@@ -206,8 +206,8 @@ def test_built_in_configs_are_the_real_architectures(name, family, unet_params, 
 
     from diffusers import UNet2DConditionModel
 
-    from lib_ti.family.single_file import _unet_config
-    from lib_ti.family.single_file_configs import STANDARD, Spec
+    from lib_ti.diffusers_backend.single_file import _unet_config
+    from lib_ti.diffusers_backend.single_file_configs import STANDARD, Spec
 
     spec = Spec(family, copy.deepcopy(STANDARD[name]), name)
     with torch.device("meta"):
@@ -216,7 +216,7 @@ def test_built_in_configs_are_the_real_architectures(name, family, unet_params, 
 
 
 def test_the_family_is_guessed_as_a1111_does(tmp_path):
-    from lib_ti.family.single_file_configs import describe
+    from lib_ti.diffusers_backend.single_file_configs import describe
 
     unet, vae = {"model.diffusion_model.input_blocks.0.0.weight": (320, 4, 3, 3)}, {"first_stage_model.encoder.x": (1,)}
     sd1 = {**unet, **vae, "cond_stage_model.transformer.text_model.x": (1,)}
@@ -307,7 +307,7 @@ def test_training_ckpt_with_lightning_objects_loads_without_them(checkpoints, tm
 def test_preview_loads_the_decoder_and_takes_long_prompts(family, checkpoints):
     """CLI previews from a checkpoint: the VAE decoder comes on first use; a prompt of two chunks
     beside a one-chunk negative prompt renders (both are encoded to the same length)."""
-    from lib_ti.family.preview import render
+    from lib_ti.diffusers_backend.preview import render
 
     model = load_diffusers_model(checkpoints[family][0])
     assert model.vae.decoder is None
@@ -319,7 +319,7 @@ def test_preview_loads_the_decoder_and_takes_long_prompts(family, checkpoints):
 
 def test_cheap_check_before_loading(checkpoints, tmp_path):
     """check_model_path: what loading would refuse, from headers and json only."""
-    from lib_ti.family.load import check_model_path
+    from lib_ti.diffusers_backend.load import check_model_path
 
     assert [check_model_path(checkpoints[f][0]) for f in FAMILIES] == FAMILIES
     assert check_model_path(checkpoints["sdxl"][1]) == "sdxl"

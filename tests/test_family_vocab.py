@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lib_ti.family import vocab
+from lib_ti.diffusers_backend import vocab
 
 
 @pytest.fixture(scope="module")

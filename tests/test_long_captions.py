@@ -8,7 +8,7 @@ import torch
 from single_file_fixture import images
 
 from lib_ti import cli, formats
-from lib_ti.family.load import load_diffusers_model
+from lib_ti.diffusers_backend.load import load_diffusers_model
 
 pytestmark = pytest.mark.slow
 TOKEN = "mytok123"

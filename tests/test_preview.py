@@ -3,8 +3,8 @@
 import torch
 
 from lib_ti.config import TrainConfig
+from lib_ti.diffusers_backend.preview import render
 from lib_ti.embedding import Embedding
-from lib_ti.family.preview import render
 from lib_ti.sample_prompts import parse_line as parse_prompt_line
 from lib_ti.tokens import init_vectors
 from lib_ti.train_cli import render_samples

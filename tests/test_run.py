@@ -38,24 +38,24 @@ def close(a, b, tol=1e-6):
 # ---------------------------------------------------------------- exact resume
 
 def test_resume_from_a_checkpoint_continues_exactly(tiny_sd1, tmp_path):
-    """16 steps in one go == resume at step 5 (mid-epoch) to 16 == 8 steps, then resume 8 more."""
-    straight = run.run(cfg_for(tmp_path, max_train_steps=16, save_every_n_steps=5), tiny_sd1,
+    """10 steps in one go == resume at step 5 (mid-epoch) to 10 == 5 steps, then resume 5 more."""
+    straight = run.run(cfg_for(tmp_path, max_train_steps=10, save_every_n_steps=5), tiny_sd1,
                        run.FolderOutputs(str(tmp_path / "out")))
     assert straight.status == "done", straight.error
     ckpt = tmp_path / "out" / f"{TOKEN}-5.safetensors"
     assert ckpt.is_file() and (tmp_path / "out" / f"{TOKEN}-5.safetensors{resume.SUFFIX}").is_file()
 
     notes = []
-    again = run.run(cfg_for(tmp_path, max_train_steps=16, weights=str(ckpt), output_name="again"), tiny_sd1,
+    again = run.run(cfg_for(tmp_path, max_train_steps=10, weights=str(ckpt), output_name="again"), tiny_sd1,
                     run.FolderOutputs(str(tmp_path / "out")), Callbacks(log=notes.append))
     assert again.status == "done" and any("resuming exactly from step 5" in n for n in notes), notes
     assert close(vectors(straight.output), vectors(again.output))
 
-    eight = run.run(cfg_for(tmp_path, max_train_steps=8, output_name="eight"), tiny_sd1,
-                    run.FolderOutputs(str(tmp_path / "out")))
-    more = run.run(cfg_for(tmp_path, max_train_steps=16, weights=eight.output, output_name="eight", overwrite=True),
+    five = run.run(cfg_for(tmp_path, max_train_steps=5, output_name="five"), tiny_sd1,
+                   run.FolderOutputs(str(tmp_path / "out")))
+    more = run.run(cfg_for(tmp_path, max_train_steps=10, weights=five.output, output_name="five", overwrite=True),
                    tiny_sd1, run.FolderOutputs(str(tmp_path / "out")))
-    assert more.status == "done" and formats.read_embedding(more.output).step == 16
+    assert more.status == "done" and formats.read_embedding(more.output).step == 10
     assert close(vectors(straight.output), vectors(more.output))
 
 

@@ -20,8 +20,8 @@ from single_file_fixture import images, write_checkpoint
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from lib_ti import cli
-from lib_ti.family.load import ModelFolderError, check_model_path, load_model
-from lib_ti.family.single_file_configs import CheckpointError, _check_widths, describe
+from lib_ti.diffusers_backend.load import ModelFolderError, check_model_path, load_model
+from lib_ti.diffusers_backend.single_file_configs import CheckpointError, _check_widths, describe
 
 TOKEN = "mytok123"
 
@@ -124,7 +124,7 @@ def test_text_encoder_of_another_width_is_refused_before_loading(sd1, tmp_path):
 
 def test_sdxl_pooled_width_must_fit_the_unet(tmp_path, tokenizer_dir):
     path, _ = write_checkpoint("sdxl", tmp_path / "sdxl", tokenizer_dir)
-    from lib_ti.family.single_file import Weights
+    from lib_ti.diffusers_backend.single_file import Weights
 
     shapes = Weights(path).shapes
     spec = describe(path, shapes)  # the real file passes

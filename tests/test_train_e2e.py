@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from lib_ti import formats
+from lib_ti import cli, formats
 from lib_ti.config import TrainConfig
 from lib_ti.prepare import PrepareError
 from lib_ti.tokens import init_vectors
@@ -175,7 +175,7 @@ resolution = 64
     return toml, out
 
 
-def test_cli_train_and_inspect(tiny_sd1_dir, tmp_path):
+def test_cli_train_and_inspect(tiny_sd1_dir, tmp_path, capsys):
     toml, out = cli_config(tiny_sd1_dir, tmp_path, f"""
 max_train_steps = 4
 save_every_n_steps = 2
@@ -190,15 +190,13 @@ xformers = true
     assert "xformers" in run.stdout  # accepted and explained
     assert (out / f"{TOKEN}.safetensors").exists() and (out / f"{TOKEN}-2.safetensors").exists()
     assert sorted(p.name for p in (out / "sample").iterdir()) == [f"{TOKEN}-000002-0.png", f"{TOKEN}-000004-0.png"]
-    info = subprocess.run([sys.executable, "-m", "lib_ti", "inspect", str(out / f"{TOKEN}.safetensors"), "--json"],
-                          capture_output=True, text=True, timeout=120)
-    assert info.returncode == 0, info.stderr
-    d = json.loads(info.stdout)
+    # the rest through the same entry in this process: an interpreter start each would only cost time
+    capsys.readouterr()
+    assert cli.main(["inspect", str(out / f"{TOKEN}.safetensors"), "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
     assert d["num_vectors"] == 1 and d["step"] == 4
     # a second run must not overwrite the finished embedding
-    again = subprocess.run([sys.executable, "-m", "lib_ti", "train", "--config_file", str(toml)],
-                           capture_output=True, text=True, timeout=300)
-    assert again.returncode == 2 and "already exists" in again.stderr
+    assert cli.main(["train", "--config_file", str(toml)]) == 2 and "already exists" in capsys.readouterr().err
 
 
 def test_cli_two_processes_average_gradients(tiny_sd1_dir, tmp_path):

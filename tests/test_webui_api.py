@@ -113,7 +113,7 @@ def init_vectors_of(word: str, n: int) -> torch.Tensor:
 def save_embedding(path: Path, step: int) -> Path:
     from lib_ti import formats
     from lib_ti.embedding import Embedding
-    from lib_ti.family.base import SINGLE_SLOT
+    from lib_ti.model import SINGLE_SLOT
 
     emb = Embedding({SINGLE_SLOT: init_vectors_of("dog", 2) + 0.01}, step=step, name=path.stem)
     formats.save_embedding(emb, str(path), "safetensors", overwrite=True)

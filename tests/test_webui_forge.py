@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import fake_host_modules
 
-from lib_ti.family.base import SizeCond, TrainableModel
+from lib_ti.model import SizeCond, TrainableModel
 
 TOKEN = "tiok-ti42"
 WIDTHS = {"sd1": {"emb": 32}, "sdxl": {"clip_l": 32, "clip_g": 64}}

@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import fake_host_modules
 
-from lib_ti.family.base import SizeCond, TrainableModel
+from lib_ti.model import SizeCond, TrainableModel
 
 TESTS = Path(__file__).resolve().parent
 TOKEN = "tiok-ti42"

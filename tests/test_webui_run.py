@@ -140,7 +140,8 @@ def test_a_failing_preview_or_reload_keeps_the_vectors(host, images, monkeypatch
 
     monkeypatch.setattr(*(host_api, "render_preview") if hook == "preview" else (host_model, "reload_embeddings"),
                         fail)
-    task = train(images, f"fail{hook}", sample_every_n_steps=2)
+    # small previews: the host's default (512 px, 20 steps) costs minutes on CPU and proves nothing more here
+    task = train(images, f"fail{hook}", sample_every_n_steps=2, sample_prompts=f"a photo of fail{hook} --w 64 --h 64 --s 2")
     assert task.status == "failed" and task.recovery and task.recovery in task.error
     assert task.public()["recovery"] == task.recovery
     from lib_ti.webui import ui_handlers

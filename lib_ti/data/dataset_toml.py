@@ -11,6 +11,7 @@ from typing import Any
 
 from lib_ti.config_compat import REFUSED_WHEN_ON, check_caption_extension
 from lib_ti.data.spec import MAX_REPEATS, SUBSET_OPTIONS, DataError, DatasetSpec, SubsetSpec
+from lib_ti.toml_compat import MISSING, toml_module
 
 DATASET_KEYS = ("resolution", "batch_size", "enable_bucket", "min_bucket_reso", "max_bucket_reso",
                 "bucket_reso_steps", "bucket_no_upscale", "center_crop")
@@ -32,19 +33,6 @@ _FLOAT = {"caption_dropout_rate": (0.0, 1.0), "caption_tag_dropout_rate": (0.0, 
           "token_warmup_step": (0.0, None), "network_multiplier": (None, None)}
 _MIN = {"batch_size": 1, "min_bucket_reso": 1, "max_bucket_reso": 1, "bucket_reso_steps": 1,
         "num_repeats": 1, "keep_tokens": 0}
-
-
-def _toml_module():
-    """tomllib (3.11+) or tomli (3.10), imported on use: a host without either can still train
-    from folders."""
-    try:
-        import tomllib  # novermin: 3.10 takes the tomli fallback below
-    except ModuleNotFoundError:
-        try:
-            import tomli as tomllib
-        except ModuleNotFoundError:
-            raise DataError("reading a dataset TOML on Python 3.10 needs the 'tomli' package") from None
-    return tomllib
 
 
 def _where(table: str, n: int | None, path: str) -> str:
@@ -130,7 +118,9 @@ def load_dataset_toml(path: str | Path, defaults: dict[str, Any] | None = None) 
         raise DataError(f"unknown default(s) {sorted(unknown)}; allowed: {sorted(known)}")
     if "resolution" in defaults:
         defaults["resolution"] = tuple(defaults["resolution"])
-    tomllib = _toml_module()
+    tomllib = toml_module()
+    if tomllib is None:
+        raise DataError(MISSING)
     try:
         with open(path, "rb") as f:
             doc = tomllib.load(f)

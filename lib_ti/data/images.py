@@ -17,7 +17,7 @@ from PIL import Image, ImageOps
 from lib_ti.config_compat import check_caption_extension
 from lib_ti.data.buckets import BucketManager
 from lib_ti.data.spec import DataError, DatasetSpec, SubsetSpec, list_images
-from lib_ti.family.base import SizeCond
+from lib_ti.model import SizeCond
 
 _RS = getattr(Image, "Resampling", Image)  # Pillow >= 9.1 moved the filters
 _FLIP = getattr(Image, "Transpose", Image).FLIP_LEFT_RIGHT

@@ -17,7 +17,7 @@ import torch
 
 from lib_ti.data.images import ImageItem, crop_box, load_pixels, size_cond
 from lib_ti.data.spec import DataError
-from lib_ti.family.base import SizeCond
+from lib_ti.model import SizeCond
 
 CACHE_DIR = ".ti_latents"
 _NAMES = {False: "latent", True: "latent_flipped"}

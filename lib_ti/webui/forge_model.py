@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from lib_ti.family.base import SDXL_SLOTS, SINGLE_SLOT, SizeCond
+from lib_ti.model import SDXL_SLOTS, SINGLE_SLOT, SizeCond
 from lib_ti.webui import forge_embeddings as fe
 from lib_ti.webui import forge_patches as patches
 from lib_ti.webui.host_embeddings import HostError

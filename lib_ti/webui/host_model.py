@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from lib_ti.family.base import SDXL_SLOTS, SINGLE_SLOT, SizeCond
+from lib_ti.model import SDXL_SLOTS, SINGLE_SLOT, SizeCond
 from lib_ti.webui import host_patches as patches
 
 # The thin functions over the host live in host_embeddings; they are part of this module's API.

@@ -3,7 +3,7 @@
 It provides the `modules` package the extension imports (plus `ldm`, `sgm` and `launch`), with
 exactly the host functions lib_ti/webui calls. Signatures and behaviour follow the real host code
 (each function names the file:function it stands in for); the code is written anew, smaller, and
-on tiny random models (lib_ti/family/random_models.py): CLIP text encoders with the real CLIP
+on tiny random models (tests/support/random_models.py): CLIP text encoders with the real CLIP
 vocabulary, a diffusers VAE, and a small UNet built from ldm-style blocks.
 
     sys.path.insert(0, "tests"); import fakehost

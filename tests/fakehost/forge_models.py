@@ -1,6 +1,6 @@
 """The tiny models the stand-in Forge builds (modules/sd_models.forge_model_reload, under
 torch.inference_mode, so every weight is an inference tensor as in Forge): random CLIP text
-encoders with the real vocabulary and a diffusers VAE (lib_ti/family/random_models.py) around
+encoders with the real vocabulary and a diffusers VAE (tests/support/random_models.py) around
 the `backend` stand-ins, shaped like Forge's diffusion engines (backend/diffusion_engine/sd15.py,
 sdxl.py): forge_objects (unet patcher -> KModel -> diffusion_model + predictor, clip, vae), one
 text engine per encoder with its own embedding database."""
@@ -138,7 +138,7 @@ def build(family, seed, embeddings_dir, prediction_type="epsilon", storage_dtype
           inpaint=False):
     from diffusers import DDPMScheduler
 
-    from lib_ti.family.random_models import components
+    from tests.support.random_models import components
 
     parts = components("tiny", family, seed=seed)
     te = parts["text_encoder"]

@@ -1,4 +1,4 @@
-"""The tiny models the stand-in host loads: random weights from lib_ti/family/random_models.py
+"""The tiny models the stand-in host loads: random weights from tests/support/random_models.py
 (CLIP text encoders with the real vocabulary, a diffusers VAE) around the ldm/sgm stand-ins."""
 
 import torch
@@ -14,7 +14,7 @@ SIZE_DIM = 8  # ConcatTimestepEmbedderND outdim (256 in SDXL)
 def build(family: str, seed: int = 0):
     from modules import sd_models
 
-    from lib_ti.family.random_models import components
+    from tests.support.random_models import components
 
     parts = components("tiny", family, seed=seed)
     te = parts["text_encoder"]

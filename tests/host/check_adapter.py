@@ -93,7 +93,7 @@ def main() -> int:
 
     from lib_ti import formats
     from lib_ti.embedding import Embedding
-    from lib_ti.family.base import SizeCond
+    from lib_ti.model import SizeCond
     from lib_ti.webui import host, host_model
 
     check = Checks()

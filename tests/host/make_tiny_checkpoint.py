@@ -54,9 +54,9 @@ VOCAB_SIZE = 49408
 
 def write_clip_tokenizer(folder: str) -> str:
     """vocab.json, merges.txt and the tokenizer/special-token configs of openai/clip-vit-large-patch14.
-    The vocabulary comes from the BPE file open_clip ships (lib_ti.family.vocab, which finds it
+    The vocabulary comes from the BPE file open_clip ships (lib_ti.diffusers_backend.vocab, which finds it
     without importing open_clip)."""
-    from lib_ti.family.vocab import write_tokenizer_files
+    from lib_ti.diffusers_backend.vocab import write_tokenizer_files
 
     write_tokenizer_files(folder)
     special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",

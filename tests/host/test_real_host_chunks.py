@@ -29,7 +29,7 @@ def test_chunks_match_the_real_host(tmp_path, tokenizer_dir):
     from test_real_host import host_python
     from transformers import CLIPTokenizer
 
-    from lib_ti.family.inject import PromptTokenizer
+    from lib_ti.diffusers_backend.inject import PromptTokenizer
 
     prompts = {**chunk_prompts(), **SYNTAX, **RELOCATED}
     spec = tmp_path / "prompts.json"

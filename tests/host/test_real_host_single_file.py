@@ -70,7 +70,7 @@ def test_single_file_loader_matches_the_host(tiny, tmp_path, family, capsys):
     from single_file_reference import PROMPT
 
     from lib_ti import cli, formats
-    from lib_ti.family.load import load_diffusers_model
+    from lib_ti.diffusers_backend.load import load_diffusers_model
 
     ref_file = tmp_path / "ref.safetensors"
     r = host_run([str(HERE / "single_file_reference.py"), "--host-dir", HOST, "--tiny-dir", str(tiny),

@@ -10,7 +10,7 @@ from modules import devices, sd_hijack_clip
 
 class _SimpleTokenizer:
     def __init__(self):
-        from lib_ti.family import vocab
+        from lib_ti.diffusers_backend import vocab
 
         self._hf = vocab.make_tokenizer(vocab.PAD_OPENCLIP)
         self.encoder = dict(self._hf.get_vocab())

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
-from lib_ti.family import inject
-from lib_ti.family.base import SDXL_SLOTS, SizeCond
-from lib_ti.family.diffusers_sd import DiffusersModel
+from lib_ti.diffusers_backend import inject
+from lib_ti.diffusers_backend.diffusers_sd import DiffusersModel
+from lib_ti.model import SDXL_SLOTS, SizeCond
 
 CLIP_L, CLIP_G = SDXL_SLOTS
 

@@ -13,8 +13,8 @@ from collections.abc import Callable, Iterator
 import torch
 from diffusers import DDPMScheduler
 
-from lib_ti.family import inject
-from lib_ti.family.base import SINGLE_SLOT, SizeCond, TrainableModel
+from lib_ti.diffusers_backend import inject
+from lib_ti.model import SINGLE_SLOT, SizeCond, TrainableModel
 
 log = logging.getLogger("lib_ti")
 

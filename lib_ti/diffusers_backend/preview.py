@@ -13,7 +13,7 @@ import torch
 from diffusers import EulerDiscreteScheduler
 from PIL import Image
 
-from lib_ti.family.diffusers_sd import DiffusersModel
+from lib_ti.diffusers_backend.diffusers_sd import DiffusersModel
 
 
 @torch.no_grad()

@@ -1,6 +1,6 @@
 """Random-weight SD1 / SD2 / SDXL models built from configs: tiny ones for CPU tests and full-size
 ones (real SD1.5 / SDXL architectures) for GPU benchmarks. Nothing is downloaded; the tokenizer
-is the real CLIP vocabulary (vocab.py), so prompts tokenize as with real checkpoints.
+is the real CLIP vocabulary (lib_ti/diffusers_backend/vocab.py), so prompts tokenize as with real checkpoints.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from lib_ti.family import vocab
-from lib_ti.family.diffusers_sd import DiffusersModel
-from lib_ti.family.load import wrap
+from lib_ti.diffusers_backend import vocab
+from lib_ti.diffusers_backend.diffusers_sd import DiffusersModel
+from lib_ti.diffusers_backend.load import wrap
 
 PRESETS = ("tiny", "sd15", "sdxl")
 _ALIASES = {"sd2v": "sd2"}  # the SD2 random models are v-prediction (like SD 2.x 768-v)

@@ -30,9 +30,9 @@ from diffusers.loaders import single_file_utils as sfu
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from lib_ti import safe_pickle
-from lib_ti.family import vocab
-from lib_ti.family.diffusers_sd import DiffusersModel
-from lib_ti.family.single_file_configs import (
+from lib_ti.diffusers_backend import vocab
+from lib_ti.diffusers_backend.diffusers_sd import DiffusersModel
+from lib_ti.diffusers_backend.single_file_configs import (
     SD1_TEXT,
     SD2_TEXT,
     SDXL_G_TEXT,
@@ -166,7 +166,7 @@ def _config_errors(spec: Spec):
 
 def _build(path, w: Weights, spec: Spec, device: torch.device, dtype: torch.dtype, clip_skip: int,
            v_parameterization: bool | None) -> DiffusersModel:
-    from lib_ti.family.load import wrap  # load dispatches here; imported late to avoid a cycle
+    from lib_ti.diffusers_backend.load import wrap  # load dispatches here; imported late to avoid a cycle
 
     unet = _unet(w, spec, device, dtype)
     if v_parameterization is not None:

@@ -23,10 +23,10 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from lib_ti.family import single_file
-from lib_ti.family.diffusers_sd import DiffusersModel, DiffusersSD
-from lib_ti.family.diffusers_sdxl import DiffusersSDXL
-from lib_ti.family.single_file_configs import CheckpointError
+from lib_ti.diffusers_backend import single_file
+from lib_ti.diffusers_backend.diffusers_sd import DiffusersModel, DiffusersSD
+from lib_ti.diffusers_backend.diffusers_sdxl import DiffusersSDXL
+from lib_ti.diffusers_backend.single_file_configs import CheckpointError
 
 # A model path that cannot be used, folder or file: a PrepareError on pretrained_model_name_or_path (CLI exit 2).
 ModelFolderError = CheckpointError

@@ -1,7 +1,8 @@
 """The model-family seam: everything the training loop needs from a model, and nothing more.
 
 Each family (SD1, SD2, SDXL) and each host (diffusers folders, the A1111 WebUI) implements this
-protocol once; the loop never asks which family it is talking to.
+protocol once (lib_ti/diffusers_backend, lib_ti/webui/host_model.py); the loop never asks which
+family it is talking to. Host-free and backend-free: no diffusers or transformers here.
 
 Vector "slots" name the text encoders an embedding has vectors for:
   SD1 / SD2 -> {"emb": width}            (one encoder: CLIP-L 768 or OpenCLIP-H 1024)
