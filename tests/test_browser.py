@@ -194,12 +194,16 @@ def test_docs_screenshot(page, server):
 
     _url, workdir = server
     fill(page, "token_string", "mytok789")
+    fill(page, "train_data_dir", workdir / "data")  # the page is the test's own: nothing carried over
+    fill(page, "resolution", "64")
     fill(page, "init_word", "disc")
+    page.check("#ti_trainer_prompt_source input[value='object template']")  # the captions name another token
     fill(page, "num_vectors_per_token", 2)
     fill(page, "max_train_steps", 200)
     fill(page, "validation_every_n_steps", 10)
     fill(page, "save_every_n_steps", 50)
     fill(page, "sample_every_n_steps", 50)
+    page.check("#ti_trainer_use_txt2img input")  # the txt2img tab's 64x64 previews
     page.click("#ti_trainer_train")
     wait_status(page, {"done"}, timeout=240)
     page.wait_for_function("() => document.querySelector('#ti_trainer_load_check').textContent.includes('load')")
