@@ -89,3 +89,15 @@ class TrainableModel(Protocol):
         """Freeze every weight (requires_grad False), set train-time flags, and restore exactly
         what was there on exit, also after an exception."""
         ...
+
+
+def vector_shape(vectors: dict[str, torch.Tensor], slots: dict[str, int], family: str) -> tuple[int, int]:
+    """(vectors per token, total width) of `vectors` for a model with these `slots`, or ValueError
+    saying what does not fit; the host adapters check before registering vectors with the host."""
+    if set(vectors) != set(slots):
+        raise ValueError(f"vectors have slots {sorted(vectors)}, the loaded {family} model needs {sorted(slots)}")
+    ns = {int(v.shape[0]) for v in vectors.values()}
+    if len(ns) != 1 or any(v.ndim != 2 or v.shape[-1] != slots[k] for k, v in vectors.items()):
+        shapes = {k: tuple(v.shape) for k, v in vectors.items()}
+        raise ValueError(f"vector shapes {shapes} do not fit widths {slots} with one vector count")
+    return ns.pop(), sum(slots.values())

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from lib_ti.model import SDXL_SLOTS, SINGLE_SLOT, SizeCond
+from lib_ti.model import SDXL_SLOTS, SINGLE_SLOT, SizeCond, vector_shape
 from lib_ti.webui import forge_embeddings as fe
 from lib_ti.webui import forge_patches as patches
 from lib_ti.webui.host_embeddings import HostError
@@ -151,7 +151,7 @@ class ForgeModel:
 
         self._prepare_step()
         fe.clear_cond_caches()  # cached conditioning holding our vectors is stale after every step
-        n, width = self._shape(vectors)
+        n, width = vector_shape(vectors, self.slots(), self.family)
         vec = vectors[SINGLE_SLOT] if self.family != "sdxl" else {k: vectors[k] for k in SDXL_SLOTS}
         infotext = dict(classic_engine.last_extra_generation_params)  # the engines add to it in place
         try:
@@ -219,17 +219,6 @@ class ForgeModel:
                                                                               *s.target_hw)]))
             for s in sizes]).to(pooled)
         return {"crossattn": torch.cat([cond_l, cond_g], dim=2), "vector": torch.cat([pooled, flat], dim=1)}
-
-    def _shape(self, vectors: dict[str, torch.Tensor]) -> tuple[int, int]:
-        want = self.slots()
-        if set(vectors) != set(want):
-            raise ValueError(f"vectors have slots {sorted(vectors)}, the loaded {self.family} model needs "
-                             f"{sorted(want)}")
-        ns = {int(v.shape[0]) for v in vectors.values()}
-        if len(ns) != 1 or any(v.ndim != 2 or v.shape[-1] != want[k] for k, v in vectors.items()):
-            shapes = {k: tuple(v.shape) for k, v in vectors.items()}
-            raise ValueError(f"vector shapes {shapes} do not fit widths {want} with one vector count")
-        return ns.pop(), sum(want.values())
 
     @contextlib.contextmanager
     def _registered(self, token: str, vec: Any, n: int, width: int) -> Iterator[None]:

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from lib_ti.model import SDXL_SLOTS, SINGLE_SLOT, SizeCond
+from lib_ti.model import SDXL_SLOTS, SINGLE_SLOT, SizeCond, vector_shape
 from lib_ti.webui import host_patches as patches
 
 # The thin functions over the host live in host_embeddings; they are part of this module's API.
@@ -201,7 +201,7 @@ class HostModel:
 
         self._vae_off_device()
         clear_cond_caches()  # cached conditioning holding our vectors is stale after every step
-        n, width = self._shape(vectors)
+        n, width = vector_shape(vectors, self.slots(), self.family)
         vec = self._vec(vectors)
         with self._registered(token, vec, n, width), self._clip_skip(), devices.autocast():
             return self._encode(list(texts), sizes)
@@ -236,17 +236,6 @@ class HostModel:
 
     def _train_flags(self) -> contextlib.AbstractContextManager[None]:
         return contextlib.nullcontext()
-
-    def _shape(self, vectors: dict[str, torch.Tensor]) -> tuple[int, int]:
-        want = self.slots()
-        if set(vectors) != set(want):
-            raise ValueError(f"vectors have slots {sorted(vectors)}, the loaded {self.family} model needs "
-                             f"{sorted(want)}")
-        ns = {int(v.shape[0]) for v in vectors.values()}
-        if len(ns) != 1 or any(v.ndim != 2 or v.shape[-1] != want[k] for k, v in vectors.items()):
-            shapes = {k: tuple(v.shape) for k, v in vectors.items()}
-            raise ValueError(f"vector shapes {shapes} do not fit widths {want} with one vector count")
-        return ns.pop(), sum(want.values())
 
     @contextlib.contextmanager
     def _registered(self, token: str, vec: Any, n: int, width: int) -> Iterator[None]:
