@@ -14,6 +14,7 @@ import os
 import sys
 from typing import Any
 
+from lib_ti.webui import host_embeddings
 from lib_ti.webui.host_embeddings import HostError
 
 ENGINE_ATTRS = ("text_processing_engine", "text_processing_engine_l", "text_processing_engine_g")
@@ -118,12 +119,7 @@ def host_load_check(name: str, expected_vectors: int, path: str | None = None) -
         db = eng.embeddings
         emb = db.word_embeddings.get(name)
         if emb is None:
-            skipped = db.skipped_embeddings.get(name)
-            if skipped is not None:
-                return False, (f"Forge skipped '{name}': width {skipped.shape} does not fit the loaded model "
-                               f"(expects {db.expected_shape}); it loads with a model of its own family")
-            dirs = ", ".join(getattr(d, "path", str(d)) for d in db.embedding_dirs.values())
-            return False, f"Forge's {attr} did not load '{name}' (looked in {dirs}); see the console"
+            return False, host_embeddings.not_loaded(db, name, f"Forge's {attr}")
         where = getattr(emb, "filename", None)
         full = getattr(emb, "filepath", None) or where
         if path and full and os.path.isabs(full) and os.path.realpath(full) != os.path.realpath(path):

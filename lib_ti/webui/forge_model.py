@@ -29,19 +29,9 @@ from lib_ti.model import SDXL_SLOTS, SINGLE_SLOT, SizeCond, vector_shape
 from lib_ti.webui import forge_embeddings as fe
 from lib_ti.webui import forge_patches as patches
 from lib_ti.webui.host_embeddings import HostError
+from lib_ti.webui.host_model import family_of  # the same flags on both hosts
 
 QUANTIZED = ("nf4", "fp4", "gguf")
-
-
-def family_of(m: Any) -> str:
-    if getattr(m, "is_sdxl", False):
-        return "sdxl"
-    if getattr(m, "is_sd2", False):
-        return "sd2"
-    if getattr(m, "is_sd1", False):
-        return "sd1"
-    kind = "SD3" if getattr(m, "is_sd3", False) else type(m).__name__
-    raise HostError(f"the loaded model ({kind}) is not SD1, SD2 or SDXL; textual inversion training needs one")
 
 
 def borrow(clip_skip: int | None = None) -> ForgeModel:

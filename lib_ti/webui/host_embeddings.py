@@ -79,12 +79,17 @@ def host_load_check(name: str, expected_vectors: int, path: str | None = None) -
             return False, (f"'{name}' is loaded with {emb.vectors} vectors, expected {expected_vectors}: "
                            "another file with this name may have won")
         return True, f"'{name}' loaded by the WebUI: {emb.vectors} vectors, width {emb.shape}"
+    return False, not_loaded(db, name, "the WebUI")
+
+
+def not_loaded(db: Any, name: str, who: str) -> str:
+    """Why `name` is missing from an EmbeddingDatabase (A1111's, or one of Forge's engines')."""
     skipped = db.skipped_embeddings.get(name)
     if skipped is not None:
-        return False, (f"the WebUI skipped '{name}': width {skipped.shape} does not fit the loaded model "
-                       f"(expects {db.expected_shape}); it loads with a model of its own family")
+        return (f"{who} skipped '{name}': width {skipped.shape} does not fit the loaded model "
+                f"(expects {db.expected_shape}); it loads with a model of its own family")
     dirs = ", ".join(getattr(d, "path", str(d)) for d in db.embedding_dirs.values())
-    return False, f"the WebUI did not load '{name}' (looked in {dirs}); see the console for a load error"
+    return f"{who} did not load '{name}' (looked in {dirs}); see the console for a load error"
 
 
 def _forge() -> bool:
