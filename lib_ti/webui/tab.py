@@ -219,6 +219,8 @@ def _wire(ui: TabUI) -> None:
     names, own_keys = ui.names, list(ui.preview)
     n_form, n_own = len(names), len(own_keys)
 
+    locked = wrap_gradio_gpu_call(ui_handlers.train, extra_outputs=[gr.update()])
+
     def start(id_task: str, *args: Any) -> tuple[str, str]:
         form = dict(zip(names, args[:n_form]))
         use_txt2img = bool(args[n_form])
@@ -228,12 +230,12 @@ def _wire(ui: TabUI) -> None:
             preview = dict(zip(PREVIEW_KEYS, t2i))
         else:  # no prompt: the run renders sample_prompts (or 'a photo of <token>')
             preview = {**OWN_PREVIEW, **own, "prompt": ""}
-        return ui_handlers.train(id_task, form, preview)
+        return ui_handlers.start(id_task, form, preview, locked)  # checks now, then the queue
 
     inputs = [p["task_id"], *ui.form.values(), p["use_txt2img"], *ui.preview.values(), *ui.txt2img]
     live = [p["status"], p["plot"], p["norms"], p["load_check"], p["gallery"], p["checkpoints"], p["seen"]]
     p["train"].click(
-        fn=wrap_gradio_gpu_call(start, extra_outputs=[gr.update()]),
+        fn=start,
         inputs=inputs, outputs=[p["status"], p["error"]], **{_JS_KW: "ti_trainer_start"},
     ).then(fn=ui_handlers.refresh, inputs=[p["task_id"], p["seen"]], outputs=live)
     p["refresh"].click(fn=ui_handlers.refresh, inputs=[p["task_id"], p["seen"]], outputs=live, queue=False)
