@@ -39,6 +39,14 @@ def images(tmp_path):
     return make_dataset(tmp_path / "data", n=3)
 
 
+def small_tab() -> Tab:
+    """Previews (and the card's one render after a run) at 64x64 in 2 steps: tiny-model fast."""
+    t = Tab()
+    for key, value in {"steps": 2, "width": 64, "height": 64}.items():
+        t.values[t.ui.preview[key]._id] = value
+    return t
+
+
 def click(t: Tab, task_id: str, **values):
     """The Train event with the form as it is plus `values`, on a copy (safe from threads)."""
     current = dict(t.values)
@@ -84,6 +92,18 @@ def test_problems_the_api_finds_are_all_listed_at_submit_and_nothing_is_queued(h
     refused_before_the_queue("task(sub-many)")
 
 
+def test_the_tabs_own_preview_settings_are_checked_with_the_options(host, images):
+    t = Tab()
+    for key, value in {"steps": 0, "width": 100, "cfg_scale": 99.0}.items():
+        t.values[t.ui.preview[key]._id] = value
+    _st, error = click(t, "task(sub-prev)", **quick(images, token_string="", sample_every_n_steps=5))
+    for field, label in (("preview_steps", "Preview sampling steps"), ("preview_width", "Preview width"),
+                         ("preview_cfg_scale", "Preview CFG scale"), ("token_string", "Token string")):
+        assert f'data-field="{field}"' in error and label in error, (field, error)
+    assert "multiple of 8" in error
+    refused_before_the_queue("task(sub-prev)")
+
+
 @pytest.mark.parametrize("case", ["init_word", "weights", "train_data_dir"])
 def test_what_the_run_would_find_later_is_named_at_submit(host, images, tmp_path, case):
     from lib_ti import formats
@@ -111,7 +131,7 @@ def test_a_second_click_and_an_api_run_of_the_same_name_are_refused_at_once(host
     from lib_ti.webui import job
     from lib_ti.webui.tasks import REGISTRY
 
-    t = Tab()
+    t = small_tab()
     pool = concurrent.futures.ThreadPoolExecutor(4)
     queue_lock.acquire()  # another job (a txt2img, a run) holds the model meanwhile
     try:
@@ -142,7 +162,7 @@ def test_interrupt_while_waiting_for_the_queue_frees_the_name(host, images):
     from modules import progress
     from modules.call_queue import queue_lock
 
-    t = Tab()
+    t = small_tab()
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         queue_lock.acquire()
         try:
@@ -163,9 +183,7 @@ def test_interrupt_while_waiting_for_the_queue_frees_the_name(host, images):
 def test_a_published_checkpoint_gets_the_card_of_a_final_save_and_keeps_the_users_files(host, images):
     from lib_ti.webui import host_model, ui_handlers
 
-    t = Tab()
-    for key, value in {"steps": 2, "width": 64, "height": 64}.items():
-        t.values[t.ui.preview[key]._id] = value
+    t = small_tab()
     status, error = click(t, "task(card-1)", **quick(images, token_string="cardtok", init_word="ball",
                                                      max_train_steps=6, save_every_n_steps=2, sample_every_n_steps=4,
                                                      sample_prompts="a photo of cardtok"))

@@ -18,6 +18,7 @@ from lib_ti.webui import host, ui_dataset, ui_handlers
 from lib_ti.webui.job import PREVIEW_KEYS
 from lib_ti.webui.ui_form import (
     NEW_EMBEDDING,
+    PREVIEW_LABELS,
     TEMPLATE_FILE_SOURCE,
     TEMPLATE_NAMES,
     component,
@@ -159,25 +160,25 @@ def build_contents(txt2img: list) -> TabUI:
 
 def _preview_fields(ui: TabUI) -> None:
     samplers = host.sampler_names()
+
+    def kw(key: str) -> dict[str, Any]:
+        return {"label": PREVIEW_LABELS[f"preview_{key}"], "elem_id": elem_id(f"preview_{key}")}
+
     with gr.Row():
-        ui.preview["negative_prompt"] = gr.Textbox(label="Preview negative prompt",
-                                                   elem_id=elem_id("preview_negative_prompt"))
+        ui.preview["negative_prompt"] = gr.Textbox(**kw("negative_prompt"))
     with gr.Row():
-        ui.preview["steps"] = gr.Number(value=20, precision=0, label="Preview sampling steps",
-                                        elem_id=elem_id("preview_steps"))
+        ui.preview["steps"] = gr.Number(value=20, precision=0, **kw("steps"))
         if samplers:
             ui.preview["sampler_name"] = gr.Dropdown(
                 choices=samplers, value=OWN_PREVIEW["sampler_name"] if OWN_PREVIEW["sampler_name"] in samplers
-                else samplers[0], label="Preview sampler", elem_id=elem_id("preview_sampler_name"))
+                else samplers[0], **kw("sampler_name"))
         else:
-            ui.preview["sampler_name"] = gr.Textbox(value=OWN_PREVIEW["sampler_name"], label="Preview sampler",
-                                                    elem_id=elem_id("preview_sampler_name"))
-        ui.preview["cfg_scale"] = gr.Number(value=7.0, label="Preview CFG scale", elem_id=elem_id("preview_cfg_scale"))
+            ui.preview["sampler_name"] = gr.Textbox(value=OWN_PREVIEW["sampler_name"], **kw("sampler_name"))
+        ui.preview["cfg_scale"] = gr.Number(value=7.0, **kw("cfg_scale"))
     with gr.Row():
-        ui.preview["seed"] = gr.Number(value=-1, precision=0, label="Preview seed", elem_id=elem_id("preview_seed"))
-        ui.preview["width"] = gr.Number(value=512, precision=0, label="Preview width", elem_id=elem_id("preview_width"))
-        ui.preview["height"] = gr.Number(value=512, precision=0, label="Preview height",
-                                         elem_id=elem_id("preview_height"))
+        ui.preview["seed"] = gr.Number(value=-1, precision=0, **kw("seed"))
+        ui.preview["width"] = gr.Number(value=512, precision=0, **kw("width"))
+        ui.preview["height"] = gr.Number(value=512, precision=0, **kw("height"))
 
 
 def _run_section(ui: TabUI) -> None:

@@ -62,6 +62,11 @@ LABELS = {
     "auto_stop_window": "Auto-stop window", "auto_stop_threshold": "Auto-stop threshold",
 }
 
+# The tab's own preview settings (not config fields): error keys preview_<key>, as their elem ids.
+PREVIEW_LABELS = {"preview_negative_prompt": "Preview negative prompt", "preview_steps": "Preview sampling steps",
+                  "preview_sampler_name": "Preview sampler", "preview_cfg_scale": "Preview CFG scale",
+                  "preview_seed": "Preview seed", "preview_width": "Preview width", "preview_height": "Preview height"}
+
 # The prompt source is one choice in the form and four fields in the config.
 PROMPT_SOURCES = ("auto", "captions", "object template", "style template", "A1111 template file")
 TEMPLATE_FILE_SOURCE = PROMPT_SOURCES[4]

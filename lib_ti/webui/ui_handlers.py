@@ -14,9 +14,10 @@ from typing import Any
 import gradio as gr
 
 from lib_ti.config import ConfigError
+from lib_ti.preflight import PREVIEW_RANGES, preview_value_problem
 from lib_ti.webui import host_model, job, plot
 from lib_ti.webui.tasks import REGISTRY, Task
-from lib_ti.webui.ui_form import LABELS, NEW_EMBEDDING, list_embeddings, to_config_values
+from lib_ti.webui.ui_form import LABELS, NEW_EMBEDDING, PREVIEW_LABELS, list_embeddings, to_config_values
 
 log = logging.getLogger("lib_ti")
 
@@ -30,7 +31,7 @@ _cancel_lock = threading.Lock()
 def errors_html(errors: dict[str, str], title: str = "Please fix these options") -> str:
     """Every bad field with its label; data-field lets the JS mark the inputs themselves."""
     items = "".join(
-        f'<li data-field="{html.escape(k)}"><b>{html.escape(LABELS.get(k, k))}</b> '
+        f'<li data-field="{html.escape(k)}"><b>{html.escape(LABELS.get(k) or PREVIEW_LABELS.get(k, k))}</b> '
         f"<code>{html.escape(k)}</code>: {html.escape(v)}</li>"
         for k, v in errors.items()
     )
@@ -124,19 +125,39 @@ def start(id_task: str, form: dict[str, Any], preview: dict[str, Any] | None, lo
     if _was_cancelled(id_task):
         _end_progress(id_task)
         return keep, message_html("Interrupted before the run started.", "info")
+    bad_preview = preview_problems(preview)
     try:
         cfg = job.ui_check(id_task, to_config_values(form, _embeddings_dir()))
     except ConfigError as e:
         _end_progress(id_task)
-        return keep, errors_html(e.errors)
+        return keep, errors_html({**e.errors, **bad_preview})
     except Exception as e:  # outside the host's wrapper: say it here rather than a bare gradio "Error"
         log.error("TI trainer: checking the options failed:\n%s", traceback.format_exc())
         _end_progress(id_task)
         return keep, message_html(f"Could not check the options: {type(e).__name__}: {e}")
     try:
+        if bad_preview:
+            _end_progress(id_task)
+            return keep, errors_html(bad_preview)
         return locked(id_task, form, preview)
     finally:
         job.unreserve(cfg, id_task)  # a run that never started (Interrupt while waiting, a refusal)
+
+
+def preview_problems(preview: dict[str, Any] | None) -> dict[str, str]:
+    """The preview settings in the ranges a render accepts (the API's `preview` ranges), keyed as
+    the tab's preview fields; a bad one would otherwise fail the run at its first preview."""
+    errors = {}
+    for key in PREVIEW_RANGES:
+        value = (preview or {}).get(key)
+        if value is None:
+            if preview and key in preview:
+                errors[f"preview_{key}"] = "is empty"
+            continue
+        why = preview_value_problem(key, value)
+        if why:
+            errors[f"preview_{key}"] = why
+    return errors
 
 
 def train(id_task: str, form: dict[str, Any], preview: dict[str, Any] | None) -> tuple[Any, str]:
