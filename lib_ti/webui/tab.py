@@ -227,11 +227,12 @@ def _wire(ui: TabUI) -> None:
         use_txt2img = bool(args[n_form])
         own = dict(zip(own_keys, args[n_form + 1:n_form + 1 + n_own]))
         t2i = args[n_form + 1 + n_own:]
-        if use_txt2img and len(t2i) == len(PREVIEW_KEYS):
+        from_txt2img = use_txt2img and len(t2i) == len(PREVIEW_KEYS)
+        if from_txt2img:
             preview = dict(zip(PREVIEW_KEYS, t2i))
         else:  # no prompt: the run renders sample_prompts (or 'a photo of <token>')
             preview = {**OWN_PREVIEW, **own, "prompt": ""}
-        return ui_handlers.start(id_task, form, preview, locked)  # checks now, then the queue
+        return ui_handlers.start(id_task, form, preview, locked, own_preview=not from_txt2img)  # checks, then queue
 
     inputs = [p["task_id"], *ui.form.values(), p["use_txt2img"], *ui.preview.values(), *ui.txt2img]
     live = [p["status"], p["plot"], p["norms"], p["load_check"], p["gallery"], p["checkpoints"], p["seen"]]

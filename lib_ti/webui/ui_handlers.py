@@ -117,15 +117,17 @@ def _end_progress(id_task: str) -> None:
 Locked = Callable[[str, dict[str, Any], dict[str, Any] | None], tuple[Any, str]]
 
 
-def start(id_task: str, form: dict[str, Any], preview: dict[str, Any] | None, locked: Locked) -> tuple[Any, str]:
+def start(id_task: str, form: dict[str, Any], preview: dict[str, Any] | None, locked: Locked,
+          own_preview: bool = True) -> tuple[Any, str]:
     """The Train button: every check the API makes (job.ui_check) at once, before waiting for the
     queue, so a problem is listed now and nothing is queued; then `locked` (train() behind
-    wrap_gradio_gpu_call) while the name stays held for this id."""
+    wrap_gradio_gpu_call) while the name stays held for this id. `own_preview`: the preview
+    settings are the tab's own fields (not the txt2img tab's), checked under their labels."""
     keep = gr.update()
     if _was_cancelled(id_task):
         _end_progress(id_task)
         return keep, message_html("Interrupted before the run started.", "info")
-    bad_preview = preview_problems(preview)
+    bad_preview = preview_problems(preview) if own_preview else {}
     try:
         cfg = job.ui_check(id_task, to_config_values(form, _embeddings_dir()))
     except ConfigError as e:
