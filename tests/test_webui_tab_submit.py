@@ -181,7 +181,10 @@ def test_interrupt_while_waiting_for_the_queue_frees_the_name(host, images):
 
 
 def test_a_published_checkpoint_gets_the_card_of_a_final_save_and_keeps_the_users_files(host, images):
-    from lib_ti.webui import host_model, ui_handlers
+    from modules.call_queue import queue_lock
+
+    from lib_ti.webui import host_model, job, ui_handlers
+    from lib_ti.webui.tasks import REGISTRY
 
     t = small_tab()
     status, error = click(t, "task(card-1)", **quick(images, token_string="cardtok", init_word="ball",
@@ -200,6 +203,18 @@ def test_a_published_checkpoint_gets_the_card_of_a_final_save_and_keeps_the_user
     assert meta["ti_trainer"]["step"] == 4 and meta["ti_trainer"]["init_word"] == "ball"
     assert "4 training steps" in meta["description"] and "cardtok" in meta["description"]
 
+    # a run that will write cardtok-2 (here an API run waiting for the queue) holds the name
+    queue_lock.acquire()
+    try:
+        api = job.api_submit(dict(token_string="cardtok-2", train_data_dir=str(images), resolution="64",
+                                  max_train_steps=2, validation_every_n_steps=0, use_object_template=True))
+        msg = ui_handlers.publish("cardtok-2.safetensors", False)
+        assert "queued or running" in msg and api.id in msg, msg
+        assert not (emb / "cardtok-2.safetensors").exists()
+        job.interrupt(api.id)
+    finally:
+        queue_lock.release()
+    wait_until(lambda: REGISTRY.get(api.id).status not in ("queued", "running"), "the API run did not end")
     msg = ui_handlers.publish("cardtok-2.safetensors", False)  # no preview at step 2: facts only, no render
     assert "Published" in msg and "no preview at step 2" in msg, msg
     assert not (emb / "cardtok-2.preview.png").exists() and (emb / "cardtok-2.json").is_file()

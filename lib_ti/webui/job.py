@@ -217,11 +217,27 @@ def publish(task: Task | None, emb: Embedding, path: str, overwrite: bool) -> st
 def publish_checkpoint(checkpoint_path: str, overwrite: bool = False, task: Task | None = None) -> tuple[str, list[str]]:
     """The tab's one-click publish of `<name>-<step>` from the log folder into the embeddings folder,
     with the card a final save gets (that step's preview, the facts; never over the user's own
-    files). While a run holds the model, only the files are written; its final reload picks them
-    up. -> (the published path, what the card got)."""
+    files), holding the name meanwhile. While a run holds the model, only the files are written;
+    its final reload picks them up. -> (the published path, what the card got)."""
     folder = host_model.embeddings_dir()
     dest = os.path.join(folder, os.path.basename(checkpoint_path))
     stem = os.path.splitext(os.path.basename(dest))[0]
+    owner = f"publish-{uuid.uuid4().hex[:8]}"
+    holder = RESERVED.take(folder, stem, owner)  # a run of that name would write over what we publish
+    if holder is not None:
+        raise NameBusy(f"a run writing '{stem}' is queued or running ({holder}); publish it after that run ends")
+    try:
+        return _publish_checkpoint(checkpoint_path, dest, overwrite, task)
+    finally:
+        RESERVED.release(folder, stem, owner)
+
+
+class NameBusy(Exception):
+    """The name is held by a queued or running run."""
+
+
+def _publish_checkpoint(checkpoint_path: str, dest: str, overwrite: bool, task: Task | None) -> tuple[str, list[str]]:
+    folder, stem = os.path.dirname(dest), os.path.splitext(os.path.basename(dest))[0]
     twins = [p for p in files.files_named(folder, stem) if not files.same_file(p, dest)]
     if twins:
         raise FileExistsError(f"an embedding named '{stem}' already exists as {twins[0]}")

@@ -233,6 +233,8 @@ def publish(name: str | None, overwrite: bool) -> str:
     task, checkpoint = found
     try:
         dest, card_notes = job.publish_checkpoint(checkpoint, overwrite=bool(overwrite), task=task)
+    except job.NameBusy as e:
+        return message_html(str(e))
     except FileExistsError as e:
         return message_html(f"{e}; tick 'Replace a published file' to replace it.")
     except OSError as e:
