@@ -16,9 +16,13 @@ import pytest
 import torch
 from conftest import fake_host_modules
 
+from lib_ti.model import SizeCond
+
 TESTS = Path(__file__).resolve().parent
 TOKEN = "tiok-ti42"
 TEXTS = [f"a photo of {TOKEN}", f"{TOKEN} on a table"]
+WIDTHS = {"sd1": {"emb": 32}, "sdxl": {"clip_l": 32, "clip_g": 64}}
+SIZES = [SizeCond((64, 64), (0, 0), (64, 64))] * 2
 
 
 @pytest.fixture
@@ -68,20 +72,23 @@ def txt2img(m, prompt: str, conds: list | None = None) -> bytes:
     with contextlib.closing(p):
         image = processing.process_images(p).images[0].tobytes()
         if conds is not None:
-            conds.append(p.c.flatten().clone())
+            c = p.c
+            conds.append(torch.cat([c[k].flatten() for k in sorted(c)]) if isinstance(c, dict) else c.flatten())
     return image
 
 
-def host_embedding(name: str, n: int = 2):
+def host_embedding(family: str, name: str, n: int = 2):
     from modules.textual_inversion.textual_inversion import Embedding
 
-    emb = Embedding(torch.randn(n, 32, generator=torch.Generator().manual_seed(1)), name)
-    emb.vectors, emb.shape = n, 32
+    g = torch.Generator().manual_seed(1)
+    vecs = {k: torch.randn(n, w, generator=g) for k, w in WIDTHS[family].items()}
+    emb = Embedding(vecs["emb"] if family == "sd1" else vecs, name)
+    emb.vectors, emb.shape = n, sum(WIDTHS[family].values())
     return emb
 
 
 def start_vectors(model) -> dict[str, torch.Tensor]:
-    return {"emb": model.token_embeddings("cat")["emb"][:1].repeat(2, 1).clone().requires_grad_(True)}
+    return {k: v[:1].repeat(2, 1).clone().requires_grad_(True) for k, v in model.token_embeddings("cat").items()}
 
 
 def loss_of(model, vectors, latents, seed: int = 0) -> torch.Tensor:
@@ -89,7 +96,7 @@ def loss_of(model, vectors, latents, seed: int = 0) -> torch.Tensor:
     noise = torch.randn(latents.shape, generator=g)
     t = torch.randint(0, 1000, (latents.shape[0],), generator=g)
     a = model.alphas_cumprod()[t].view(-1, 1, 1, 1)
-    cond = model.encode_prompts(TEXTS, TOKEN, vectors)
+    cond = model.encode_prompts(TEXTS, TOKEN, vectors, SIZES)
     pred = model.predict(a.sqrt() * latents + (1 - a).sqrt() * noise, t, cond)
     return torch.nn.functional.mse_loss(pred, noise)
 
@@ -128,15 +135,15 @@ def test_the_stand_in_is_reforge_and_the_a1111_adapter_serves_it(reforge):
         processing.process_images(p)
 
 
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_a_run_after_a_txt2img_trains_only_the_vectors_and_restores_everything(reforge, checkpointing):
-    reforge("sd1")
+@pytest.mark.parametrize(("family", "checkpointing"), [("sd1", False), ("sd1", True), ("sdxl", True)])
+def test_a_run_after_a_txt2img_trains_only_the_vectors_and_restores_everything(reforge, family, checkpointing):
+    reforge(family)
     from modules import sd_hijack, shared
 
     from lib_ti.webui import host_model
 
     m, db = shared.sd_model, sd_hijack.model_hijack.embedding_db
-    previous = host_embedding(TOKEN)
+    previous = host_embedding(family, TOKEN)
     db.register_embedding(previous, m)  # a file of that name was loaded before the run
     conds: list[torch.Tensor] = []
     plain, with_token = txt2img(m, "a photo of a cat"), txt2img(m, f"a photo of {TOKEN}", conds)
@@ -145,20 +152,21 @@ def test_a_run_after_a_txt2img_trains_only_the_vectors_and_restores_everything(r
     model = host_model.borrow()
     latents = model.encode_images(torch.rand(2, 3, 64, 64) * 2 - 1)
     vectors = start_vectors(model)
-    start = vectors["emb"].detach().clone()
-    opt = torch.optim.AdamW([vectors["emb"]], lr=0.1)
+    start = {k: v.detach().clone() for k, v in vectors.items()}
+    opt = torch.optim.AdamW(list(vectors.values()), lr=0.1)
     with model.training(gradient_checkpointing=checkpointing):
         assert not any(p.requires_grad for p in m.parameters())
         for i in range(3):
             loss_of(model, vectors, latents, seed=i).backward()
-            assert vectors["emb"].grad is not None and vectors["emb"].grad.abs().sum() > 0
+            assert all(v.grad is not None and v.grad.abs().sum() > 0 for v in vectors.values())
             assert not any(p.grad is not None for p in m.parameters())
-            assert db.word_embeddings[TOKEN].vec is vectors["emb"]
+            live = db.word_embeddings[TOKEN].vec
+            assert (live is vectors["emb"]) if family == "sd1" else all(live[k] is v for k, v in vectors.items())
             opt.step()
             opt.zero_grad(set_to_none=True)
         txt2img(m, "a photo of a cat")  # a preview mid-run (under inference_mode), then one more step
         loss_of(model, vectors, latents, seed=3).backward()
-    assert not torch.equal(vectors["emb"].detach(), start)
+    assert all(not torch.equal(v.detach(), start[k]) for k, v in vectors.items())
     assert snapshot(m, db) == before and db.word_embeddings[TOKEN] is previous
     assert all(torch.equal(v, state[k]) for k, v in weights(m).items())
     after: list[torch.Tensor] = []
@@ -243,3 +251,25 @@ def test_a_job_with_previews_trains_saves_and_the_next_prompt_uses_it(reforge, t
         {k: v for k, v in before.items() if not k.startswith("db")}
     assert all(torch.equal(v, state[k]) for k, v in weights(m).items())
     assert txt2img(m, "a photo of a cat") == plain
+
+
+def test_weights_made_inference_tensors_by_a_gpu_load_are_refused_with_a_reason(reforge):
+    """On a GPU, reForge's first txt2img moves the UNet onto the device inside torch.inference_mode
+    (model_management.load_models_gpu), which turns its weights into inference tensors that autograd
+    cannot save for backward. On the CPU (the stand-in, and the real reForge run with --always-cpu)
+    that move changes nothing; here it is made by hand as `.to(device)` does it (a new tensor per
+    weight, set as param.data). The adapter then refuses before changing anything."""
+    reforge("sd1")
+    from modules import sd_hijack, shared
+
+    from lib_ti.webui import host_model
+
+    m, db = shared.sd_model, sd_hijack.model_hijack.embedding_db
+    txt2img(m, "a photo of a cat")
+    assert not any(p.is_inference() for p in m.parameters())  # on the CPU the weights stay ordinary
+    with torch.inference_mode():
+        m.forge_objects.unet.model._apply(lambda t: t.clone())
+    before = snapshot(m, db)
+    with pytest.raises(host_model.HostError, match="inference tensors"):
+        host_model.borrow()
+    assert snapshot(m, db) == before

@@ -4,9 +4,10 @@ the `forward(x, emb) -> checkpoint(self._forward, ...)` split, and no AttentionB
 has none). UNetModel.forward fills the shared `transformer_options` (block, transformer_index)."""
 
 import torch
+from torch import nn
+
 from ldm_patched.ldm.modules.attention import SpatialTransformer
 from ldm_patched.ldm.modules.diffusionmodules.util import checkpoint, timestep_embedding
-from torch import nn
 
 
 class TimestepBlock(nn.Module):
