@@ -235,7 +235,9 @@ def test_a_job_with_previews_trains_saves_and_the_next_prompt_uses_it(reforge, t
     image = host.render_preview("a photo of a cat", steps=2, width=64, height=64)  # no script runner given
     assert image is not None and image.size == (64, 64)
     data = make_dataset(tmp_path / "imgs", n=2)
+    unknown: list[torch.Tensor] = []
     plain, state = txt2img(m, "a photo of a cat"), weights(m)
+    txt2img(m, "a photo of rftok", unknown)  # the name is plain text before the run
     before = snapshot(m, db)
     values = dict(token_string="rftok", init_word="ball", train_data_dir=str(data), resolution="64",
                   max_train_steps=2, learning_rate="0.05", validation_every_n_steps=0, seed=3, train_batch_size=2,
@@ -251,6 +253,9 @@ def test_a_job_with_previews_trains_saves_and_the_next_prompt_uses_it(reforge, t
         {k: v for k, v in before.items() if not k.startswith("db")}
     assert all(torch.equal(v, state[k]) for k, v in weights(m).items())
     assert txt2img(m, "a photo of a cat") == plain
+    used: list[torch.Tensor] = []
+    txt2img(m, "a photo of rftok", used)  # the next prompt samples with the saved vectors
+    assert (used[0] - unknown[0]).abs().max() > 1e-2
 
 
 def test_weights_made_inference_tensors_by_a_gpu_load_are_refused_with_a_reason(reforge):
