@@ -113,26 +113,45 @@ def unet_blocks(m) -> list[tuple[str, torch.nn.Module]]:
 # ---------------------------------------------------------------- the protocol
 
 
-def test_the_stand_in_is_reforge_and_the_a1111_adapter_serves_it(reforge):
-    reforge("sd1")
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_the_stand_in_is_reforge_and_the_a1111_adapter_serves_it(reforge, family):
+    reforge(family)
     from ldm_patched.ldm.modules.diffusionmodules import openaimodel
-    from modules import processing, shared
+    from modules import processing, sd_hijack, shared
 
     from lib_ti.webui import forge_embeddings, host_model
 
-    m = shared.sd_model
+    m, db = shared.sd_model, sd_hijack.model_hijack.embedding_db
     assert isinstance(m.model.diffusion_model, openaimodel.UNetModel)  # ldm_patched's, not ldm's
     assert m.model.diffusion_model is m.forge_objects.unet.model.diffusion_model
     kinds = {type(b).__name__: b for _, b in unet_blocks(m)}
     assert not hasattr(kinds["BasicTransformerBlock"], "_forward") and hasattr(kinds["ResBlock"], "_forward")
     assert not forge_embeddings.is_forge()
     model = host_model.borrow()
-    assert isinstance(model, host_model.HostSD) and (model.family, model.slots()) == ("sd1", {"emb": 32})
+    assert (type(model).__name__, model.family, model.slots()) == \
+        ("HostSDXL" if family == "sdxl" else "HostSD", family, WIDTHS[family])
+    wrappers = {k: type(t).__name__ for k, t in model.text_models().items()}  # reForge's forge_clip wrappers,
+    assert wrappers == ({"clip_l": "CLIP_SD_XL_L", "clip_g": "CLIP_SD_XL_G"} if family == "sdxl"  # clip_g read
+                        else {"emb": "CLIP_SD_15_L"})  # through its HF-style transformer, not as OpenCLIP
+    rows = model.token_embeddings("cat")
+    assert torch.equal(torch.cat([rows[k] for k in WIDTHS[family]], 1),
+                       m.cond_stage_model.encode_embedding_init_text("cat", 1))
+    emb = host_embedding(family, TOKEN)
+    db.register_embedding(emb, m)
+    prompt = f"a photo of {TOKEN}, on a table"
+    with torch.no_grad():
+        ref = m.get_learned_conditioning(processing.SdConditioning([prompt], width=64, height=64))
+    db.register_embedding_by_name(None, m, TOKEN)
+    vectors = {k: v.clone() for k, v in (emb.vec.items() if family == "sdxl" else {"emb": emb.vec}.items())}
+    with model.training(), torch.no_grad():  # training prompts are encoded as txt2img encodes them
+        got = model.encode_prompts([prompt], TOKEN, vectors, SIZES[:1])
+    assert all(torch.equal(got[k], ref[k]) for k in ref) if family == "sdxl" else torch.equal(got, ref)
     latents = model.encode_images(torch.rand(2, 3, 64, 64) * 2 - 1)
     assert latents.shape == (2, 4, 8, 8) and latents.is_inference()  # reForge encodes under inference_mode
     p = processing.StableDiffusionProcessingTxt2Img(sd_model=m, prompt="a cat", steps=2, width=64, height=64)
     with pytest.raises(AttributeError, match="alwayson_scripts"):  # reForge's unguarded read, as in the real one
         processing.process_images(p)
+    assert not any("forward" in vars(x) for x in m.modules())
 
 
 @pytest.mark.parametrize(("family", "checkpointing"), [("sd1", False), ("sd1", True), ("sdxl", True)])

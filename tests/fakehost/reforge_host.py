@@ -45,10 +45,9 @@ def install(data_dir: str, family: str = "sd1", seed: int = 0) -> Any:
     db.clear_embedding_dirs()
     db.add_embedding_dir(shared.cmd_opts.embeddings_dir)
     # modules/sd_models.py load_model -> forge_loader.load_model_for_a1111 (which wraps the text
-    # encoders' token embeddings in EmbeddingsWithFixes itself), the empty prompt, then the embeddings.
+    # encoders itself; reForge never calls model_hijack.hijack), the empty prompt, then the embeddings.
     devices.dtype = devices.dtype_vae = devices.dtype_unet = torch.float32
     m = forge_loader.load_model_for_a1111(family, seed)
-    sd_hijack.model_hijack.hijack(m)
     with torch.no_grad():
         m.cond_stage_model_empty_prompt = m.get_learned_conditioning([""])
     shared.sd_model = m
