@@ -278,11 +278,12 @@ def test_a_job_with_previews_trains_saves_and_the_next_prompt_uses_it(reforge, t
 
 
 def test_weights_made_inference_tensors_by_a_gpu_load_are_refused_with_a_reason(reforge):
-    """On a GPU, reForge's first txt2img moves the UNet onto the device inside torch.inference_mode
-    (model_management.load_models_gpu), which turns its weights into inference tensors that autograd
-    cannot save for backward. On the CPU (the stand-in, and the real reForge run with --always-cpu)
-    that move changes nothing; here it is made by hand as `.to(device)` does it (a new tensor per
-    weight, set as param.data). The adapter then refuses before changing anything."""
+    """On a GPU, reForge loads the UNet to the CPU unless the GPU has more free memory than the CPU
+    (model_management.unet_inital_load_device), and the first txt2img moves it onto the GPU inside
+    torch.inference_mode (load_models_gpu), which turns its weights into inference tensors that
+    autograd cannot save for backward. On the CPU (the stand-in, and the real reForge run with
+    --always-cpu) that move changes nothing; here it is made by hand as `.to(device)` does it (a new
+    tensor per weight, set as param.data). The adapter then refuses before changing anything."""
     reforge("sd1")
     from modules import sd_hijack, shared
 
