@@ -1,9 +1,11 @@
 """The A1111 adapter (lib_ti/webui/host_model.py, host_patches.py, host.py) against the stand-in
-reForge (tests/fakehost/reforge_host.py) with a tiny SD1 model: reForge is served by the A1111
-adapter, only the vectors get gradients, gradient checkpointing really recomputes reForge's
-ldm_patched UNet blocks (and gives the same gradients), a run right after a txt2img done under
-torch.inference_mode works, everything is back afterwards and txt2img is bit-identical, and a
-preview needs no script runner. The same in a real reForge: tests/host/check_adapter.py."""
+reForge (tests/fakehost/reforge_host.py) with tiny SD1 and SDXL models: reForge is served by the
+A1111 adapter through reForge's own text wrappers, only the vectors get gradients, gradient
+checkpointing really recomputes reForge's ldm_patched UNet blocks (and gives the same gradients),
+a run right after a txt2img done under torch.inference_mode works, everything is back afterwards
+and txt2img is bit-identical, a preview needs no script runner, the tab's job trains and
+hot-reloads; weights left as inference tensors (reForge on a GPU) are refused before anything
+changes. The same in a real reForge: tests/host/check_adapter.py."""
 
 from __future__ import annotations
 
@@ -52,6 +54,8 @@ def snapshot(m, db) -> dict:
         "modes": [(n, x.training) for n, x in mods],
         "db_words": [(k, id(v)) for k, v in db.word_embeddings.items()],
         "db_lookup": {k: [(tuple(ids), id(e)) for ids, e in v] for k, v in db.ids_lookup.items()},
+        "embedders": [(getattr(e, "is_trainable", None), getattr(e, "ucg_rate", None))
+                      for e in getattr(getattr(m, "conditioner", None), "embedders", [])],
         "forge_unet": id(m.forge_objects.unet.model.diffusion_model),
     }
 
