@@ -120,6 +120,7 @@ def build_contents(txt2img: list) -> TabUI:
                 _row("dataset_config", ui=ui)
             with gr.Accordion("Latent cache", open=False):
                 _row("cache_latents", "cache_latents_to_disk", "random_crop", "vae_batch_size", ui=ui)
+                _row("color_aug", "face_crop_aug_range", ui=ui)  # kohya's augmentations: need the cache off
             with gr.Accordion("Dataset preview", open=False, elem_id="ti_trainer_group_dataset_preview"):
                 with gr.Row():
                     p["preview_count"] = gr.Number(value=8, precision=0, label="Images to preview",

@@ -43,6 +43,7 @@ LABELS = {
     "caption_tag_dropout_rate": "Tag dropout rate", "enable_wildcard": "Wildcards in captions",
     "token_warmup_min": "Token warmup: first tags", "token_warmup_step": "Token warmup: steps",
     "cache_latents_to_disk": "Cache latents to disk", "vae_batch_size": "VAE batch size",
+    "color_aug": "Colour augmentation", "face_crop_aug_range": "Face crop range (low,high)",
     # training
     "learning_rate": "Learning rate", "max_train_steps": "Max steps", "max_train_epochs": "Max epochs",
     "train_batch_size": "Batch size", "gradient_accumulation_steps": "Gradient accumulation steps",
