@@ -28,9 +28,12 @@ def coerce(f: dataclasses.Field, value: Any) -> Any:
             raise ValueError(f"expected 'N', 'W,H' or [W, H] of whole numbers, got {value!r:.60}")
         return str(value)
     if f.name == "face_crop_aug_range" and isinstance(value, (list, tuple)):  # TOML/JSON [low, high]
-        if len(value) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
-            raise ValueError(f"expected [low, high] or 'low,high', got {value!r:.60}")
-        return f"{float(value[0])},{float(value[1])}"
+        try:
+            if len(value) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+                raise ValueError
+            return f"{float(value[0])},{float(value[1])}"
+        except (ValueError, OverflowError):  # also [10**400, 1]
+            raise ValueError(f"expected [low, high] or 'low,high', got {value!r:.60}") from None
     if f.name == "seed" and value is None:
         return -1
     if isinstance(default, bool):
