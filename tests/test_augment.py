@@ -151,6 +151,15 @@ def test_config_and_dataset_toml_take_both_and_name_the_fields(tmp_path):
         assert list(e.value.errors) == ["face_crop_aug_range"], bad
     cfg = TrainConfig.from_dict({**base, "cache_latents": False, "color_aug": True, "face_crop_aug_range": [2, 4]})
     assert cfg.subset_options()["face_crop_aug_range"] == (2.0, 4.0) and cfg.subset_options()["color_aug"]
+    from lib_ti.train_cli import build_config
+
+    args = tmp_path / "args.toml"  # kohya's config file writes the CLI's text
+    args.write_text(f'token_string = "tok"\ntrain_data_dir = "{tmp_path}"\ncache_latents = false\n'
+                    'color_aug = true\nface_crop_aug_range = "2.0,4.0"\n')
+    for c in (build_config(str(args), None, None),
+              build_config(None, None, ["token_string=tok", f"train_data_dir={tmp_path}", "cache_latents=false",
+                                        "color_aug=true", "face_crop_aug_range=2.0,4.0"])):
+        assert c.subset_options()["face_crop_aug_range"] == (2.0, 4.0) and c.color_aug
 
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
