@@ -187,7 +187,7 @@ def validation_batch(cfg: TrainConfig, model: TrainableModel, train_items: list,
         if cache is not None:
             latent, size = cache.get(items.index(it), flip=False)
         else:
-            pixels, size = data.load_pixels(it, random.Random(cfg.validation_seed), flip=False)
+            pixels, size = data.load_pixels(it, random.Random(cfg.validation_seed), flip=False, colour=False)
             latent = model.encode_images(pixels[None].to(model.device))[0].float().cpu()
         latents.append(latent.float())
         sizes.append(size)

@@ -211,3 +211,29 @@ def test_tiny_run_with_both_on_is_reproducible_and_resumes_exactly(tiny_sd1, tmp
     resumed, notes = go(4, "c", weights=str(tmp_path / "out" / "a-2.safetensors"))
     assert any("resuming exactly from step 2" in n for n in notes), notes
     assert all(torch.allclose(straight[k], resumed[k], atol=1e-6, rtol=0) for k in straight)
+
+
+def test_validation_batch_keeps_the_images_own_colours(tiny_sd1, tmp_path):
+    """The fixed validation batch is the one loss curve that is not noise: colour changes there would
+    make it measure the augmentation instead of the embedding. Crops stay (a face crop is the view)."""
+    from lib_ti.data import PromptBuilder
+    from lib_ti.prepare import validation_batch
+
+    folder = tmp_path / "d"
+    folder.mkdir()
+    colourful(seed=0, n=64).save(folder / "c.png")
+    plain, = items_of(folder).values()
+    aug, = items_of(folder, color_aug=True).values()
+    seeds = range(6)
+    # under at least one of these seeds, color_aug would change the validation image
+    assert any(not torch.equal(load_pixels(aug, random.Random(s))[0], load_pixels(plain, random.Random(s))[0])
+               for s in seeds)
+    for s in seeds:
+        latents = []
+        for colour, it in ((False, plain), (True, aug)):
+            cfg = TrainConfig.from_dict(dict(token_string="mytok", init_word="ball", train_data_dir=str(folder),
+                                             cache_latents=False, color_aug=colour, validation_seed=s,
+                                             validation_batch_size=1))
+            torch.manual_seed(0)  # the VAE samples from the global RNG; run.run seeds it the same way
+            latents.append(validation_batch(cfg, tiny_sd1, [it], [it], None, PromptBuilder("mytok", "object")).latents)
+        assert torch.equal(latents[0][0], latents[1][0]), s

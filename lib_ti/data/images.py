@@ -141,10 +141,11 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
 
 
 def load_pixels(item: ImageItem, rng: random.Random | None = None, flip: bool = False,
-                ) -> tuple[torch.Tensor, SizeCond]:
+                colour: bool = True) -> tuple[torch.Tensor, SizeCond]:
     """The training view of `item`: [3, bh, bw] float32 in [-1, 1] and its SDXL size condition.
     kohya's order: crop (around the face for a face-named image when face_crop_aug_range is set),
-    then color_aug, then the flip."""
+    then color_aug (unless `colour` is off: the validation batch keeps the images' own colours),
+    then the flip."""
     img = open_rgb(item.path)
     rng = rng or random.Random()
     face = augment.face_info(item.path) if item.subset.face_crop_aug_range else None
@@ -161,7 +162,7 @@ def load_pixels(item: ImageItem, rng: random.Random | None = None, flip: bool = 
         top, left = crop_box(item, rng)
         img = img.crop((left, top, left + bw, top + bh))
         size = size_cond(item, top, left, flip)
-    if item.subset.color_aug:
+    if colour and item.subset.color_aug:
         img = augment.color_aug(img, rng)
     if flip:
         img = img.transpose(_FLIP)
