@@ -156,11 +156,11 @@ def run_problems(cfg: TrainConfig, model: TrainableModel | None) -> dict[str, st
     errors.update({k: v for k, v in optimizer_problem(cfg).items() if k not in errors})
     if model is None or errors:
         return errors
-    from lib_ti.prepare import PrepareError, prepare
+    from lib_ti.prepare import PrepareError, check_cacheable, prepare
 
     light = cfg.replace(cache_latents=False, cache_latents_to_disk=False, validation_every_n_steps=0)
     try:
-        prepare(light, model, lambda *a: None, lambda: False)
+        check_cacheable(cfg, prepare(light, model, lambda *a: None, lambda: False).items)
     except PrepareError as e:
         errors[e.field] = str(e)
     except ConfigError as e:

@@ -237,3 +237,18 @@ def test_validation_batch_keeps_the_images_own_colours(tiny_sd1, tmp_path):
             torch.manual_seed(0)  # the VAE samples from the global RNG; run.run seeds it the same way
             latents.append(validation_batch(cfg, tiny_sd1, [it], [it], None, PromptBuilder("mytok", "object")).latents)
         assert torch.equal(latents[0][0], latents[1][0]), s
+
+
+@pytest.mark.parametrize("line", ["color_aug = true", "face_crop_aug_range = [2.0, 4.0]", "random_crop = true"])
+def test_submit_checks_name_a_dataset_toml_that_augments_with_the_cache_on(tiny_sd1, tmp_path, line):
+    """Known before the run: found by preflight (what the tab and the API run at submit), not after
+    the run was queued and started caching."""
+    from lib_ti import preflight
+
+    face_images(tmp_path / "d")
+    toml = tmp_path / "d.toml"
+    toml.write_text(f'[[datasets]]\n[[datasets.subsets]]\nimage_dir = "{tmp_path / "d"}"\n{line}\n')
+    base = dict(token_string="mytok", init_word="ball", dataset_config=str(toml), resolution="64")
+    errors = preflight.run_problems(TrainConfig.from_dict({**base, "cache_latents": True}), tiny_sd1)
+    assert list(errors) == ["dataset_config"] and line.split(" ")[0] in errors["dataset_config"], errors
+    assert preflight.run_problems(TrainConfig.from_dict({**base, "cache_latents": False}), tiny_sd1) == {}
