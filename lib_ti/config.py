@@ -74,6 +74,8 @@ class TrainConfig:
     use_object_template: bool = _opt(False, "ignore captions; use 'a photo of a {token}'-style prompts")
     use_style_template: bool = _opt(False, "ignore captions; use 'a painting in the style of {token}' prompts")
     template_file: str = _opt("", "A1111 template: a file, or subject/style/subject_filewords/style_filewords/none")
+    weighted_captions: bool = _opt(False, "CLI: read A1111's (word:1.2), [word] and BREAK in captions and preview "
+                                   "prompts (the WebUI's own parser always does)", host=True)
     # --- data ---
     train_data_dir: str = _opt("", "folder of images, flat or kohya <repeats>_<name> subfolders")
     dataset_config: str = _opt("", "kohya dataset TOML (replaces train_data_dir/reg_data_dir)")
@@ -226,7 +228,7 @@ class TrainConfig:
             numeric = isinstance(v, (int, float)) and not isinstance(v, bool)
             if numeric and (not math.isfinite(v) or (lo is not None and v < lo) or (hi is not None and v > hi)):
                 errors[f.name] = f"{v} is out of range {_range(lo, hi)}"
-        if why := config_compat.token_problem(self.token_string):  # at submit, not after the model loads
+        if why := config_compat.token_problem(self.token_string, self.weighted_captions):  # at submit
             errors["token_string"] = why
         try:
             parse_piecewise(self.learning_rate)

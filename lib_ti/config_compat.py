@@ -104,11 +104,16 @@ _CKPT = re.compile(r"^(?:learned_embeds-steps-|(?P<name>.+)-)(?P<step>\d+)\.(?:s
 _CAPTION_EXTENSION = re.compile(r"^\.?[A-Za-z0-9_\-][A-Za-z0-9_.\-]*$")  # a suffix, never a path
 
 
-def token_problem(token: str) -> str | None:
-    """Why `token` cannot be the trained word (it is also the file name), or None."""
+def token_problem(token: str, weighted: bool = False) -> str | None:
+    """Why `token` cannot be the trained word (it is also the file name), or None. The safe
+    characters hold none of the emphasis syntax ('(', '[', ':', '\\'); with weighted captions a
+    'BREAK' in it would end the chunk mid-name, so no caption could name it."""
     if not token.strip():
         return "is required: the word you will type in prompts"
     if SAFE_TOKEN.match(token):
+        if weighted and re.search(r"\bBREAK\b", token, re.IGNORECASE):
+            return (f"'{token}' holds the word BREAK, which weighted_captions reads as a chunk break in "
+                    "captions; choose a name without it")
         return None
     hint = (" (write it without InvokeAI's <brackets>, or give it as placeholder_token)"
             if strip_token(token) != token.strip() else "")
