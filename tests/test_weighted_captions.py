@@ -105,11 +105,20 @@ def test_weights_of_one_change_nothing(family, request):
         assert torch.equal(plain.pooled, ones.pooled)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.fixture(scope="module")
+def sd1_clip_skip_2(tiny_sd1):
+    from lib_ti.diffusers_backend.diffusers_sd import DiffusersSD
+
+    m = tiny_sd1
+    return DiffusersSD("sd1", m.unet, m.vae, m.text_encoder, m.tokenizer, m.scheduler, clip_skip=2)
+
+
+@pytest.mark.parametrize("family", [*FAMILIES, "sd1_clip_skip_2"])
 @torch.no_grad()
 def test_emphasis_is_the_weight_then_the_mean_rescale(family, request):
-    """(x:1.5) and [x] against a direct computation from the unweighted hidden states; SDXL
-    rescales clip_l's and clip_g's states each to its own mean, and keeps the pooled output."""
+    """(x:1.5) and [x] against a direct computation from the unweighted hidden states (after clip
+    skip's final norm); SDXL rescales clip_l's and clip_g's states each to its own mean, and keeps
+    the pooled output."""
     model = request.getfixturevalue(family)
     vec = vectors_for(model)
     plain = encode(model, [f"a photo of {T}, red disc on grass"], vec, weighted=False)
@@ -173,17 +182,24 @@ def test_config_accepts_it_and_refuses_a_token_with_break(tmp_path):
     assert "only letters" in e.value.errors["token_string"]
 
 
-def test_cli_run_with_weighted_captions(tiny_sd1_dir, tmp_path, capsys):
+def cli_run(model_dir, tmp_path, capsys, weighted: bool) -> tuple[list[float], torch.Tensor]:
+    out_dir = tmp_path / f"out-{weighted}"
     data = images(tmp_path / "data", f"a photo of ({T}:1.2), [red] disc BREAK on (blue:0.8)")
-    sets = {"pretrained_model_name_or_path": tiny_sd1_dir, "train_data_dir": data, "output_dir": tmp_path / "out",
+    sets = {"pretrained_model_name_or_path": model_dir, "train_data_dir": data, "output_dir": out_dir,
             "token_string": T, "init_word": "ball", "resolution": 64, "max_train_steps": 2, "learning_rate": 0.05,
-            "seed": 5, "weighted_captions": "true", "validation_every_n_steps": 0, "sample_every_n_steps": 2,
-            "sample_prompts": f"(({T})) BREAK on a table --w 64 --h 64 --s 2 --n [blurry]"}
+            "seed": 5, "weighted_captions": str(weighted).lower(), "validation_every_n_steps": 0,
+            "sample_every_n_steps": 2, "sample_prompts": f"(({T})) BREAK on a table --w 64 --h 64 --s 2 --n [blurry]"}
     code = cli.main(["train"] + [a for k, v in sets.items() for a in ("--set", f"{k}={v}")])
     out = capsys.readouterr()
     assert code == 0, out.err + out.out
-    with open(tmp_path / "out" / f"{T}.loss.csv", newline="") as f:
+    assert list((out_dir / "sample").glob("*.png"))
+    with open(out_dir / f"{T}.loss.csv", newline="") as f:
         losses = [float(r["loss"]) for r in csv.DictReader(f)]
-    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
-    assert formats.read_embedding(str(tmp_path / "out" / f"{T}.safetensors")).vectors["emb"].isfinite().all()
-    assert list((tmp_path / "out" / "sample").glob("*.png"))
+    return losses, formats.read_embedding(str(out_dir / f"{T}.safetensors")).vectors["emb"]
+
+
+def test_cli_run_with_weighted_captions(tiny_sd1_dir, tmp_path, capsys):
+    losses, learned = cli_run(tiny_sd1_dir, tmp_path, capsys, weighted=True)
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses) and learned.isfinite().all()
+    _, plain = cli_run(tiny_sd1_dir, tmp_path, capsys, weighted=False)  # same seed, the syntax read as text
+    assert (learned - plain).abs().max() > 1e-2  # ~0.2: the weighting reached the training
