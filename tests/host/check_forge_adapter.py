@@ -9,7 +9,9 @@ optimizer steps with a Forge txt2img preview in between (the preview turns weigh
 inference tensors); afterwards every parameter object, flag and value, every engine database,
 the attention function and the infotext state are as before, and a txt2img without the token is
 bit-identical. Runs with Forge's default CPU attention (not --attention-pytorch), so the swap for
-the run is exercised too.
+the run is exercised too. Memory: during the run the process holds no more than a fraction of the
+model's weight bytes beyond what it held before (all tensor storages alive, via gc), and every
+original weight has handed its storage over (nothing outside the model holds one).
 """
 
 from __future__ import annotations
@@ -73,6 +75,26 @@ def state(m) -> dict:
         "clip_skip": [e.clip_skip for e in engines.values()],
         "infotext": dict(classic_engine.last_extra_generation_params),
     }
+
+
+def storage_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind `tensors` (views and aliases counted once)."""
+    sizes: dict = {}
+    for t in tensors:
+        s = t.untyped_storage()
+        key = (str(s.device), s.data_ptr())
+        sizes[key] = max(sizes.get(key, 0), s.nbytes())
+    return sum(sizes.values())
+
+
+def live_bytes() -> int:
+    import gc
+
+    import torch
+
+    gc.collect()
+    return storage_bytes(o for o in gc.get_objects()
+                         if isinstance(o, torch.Tensor) and o.layout == torch.strided and o.device.type != "meta")
 
 
 def txt2img(prompt: str) -> tuple[bytes, str]:
@@ -169,16 +191,28 @@ def main() -> None:
 
     v = start.clone().requires_grad_(True)
     opt = torch.optim.AdamW([v], lr=0.05)
+    fo = m.forge_objects
+    size = storage_bytes(t for r in (fo.unet.model, fo.clip.cond_stage_model) for t in [*r.parameters(), *r.buffers()])
+    base, extra = live_bytes(), []
     with model.training(gradient_checkpointing=True):
         for i in range(3):
             loss(v).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
             if i == 0:  # a preview with the live vectors, through Forge's own txt2img
+                extra.append(live_bytes() - base)
+                originals = model._trainable.originals.values()
+                result["weights_handed_over"] = [sum(r.released for r in originals), len(originals)]
                 _, info = txt2img(f"a photo of {TOKEN}")
                 # SDXL: both engines name it and Forge quotes the list: TI: "fgcheck, fgcheck"
                 assert re.search(rf'TI: "?{TOKEN}\b', info), info
                 result["preview_infotext_ti"] = True
+                extra.append(live_bytes() - base)
+    result["memory"] = {"model_mib": size / 2**20, "extra_during_run_mib": [x / 2**20 for x in extra],
+                        "extra_after_run_mib": (live_bytes() - base) / 2**20}
+    handed, total = result["weights_handed_over"]
+    assert total > 0 and handed == total, result
+    assert max(extra) < 0.25 * size, result  # the old copies: +1.0
     assert not torch.equal(v.detach(), start)
     after = state(m)
     for key in before:
