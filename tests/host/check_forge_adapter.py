@@ -110,13 +110,38 @@ def txt2img(prompt: str) -> tuple[bytes, str]:
     return out.images[0].tobytes(), out.infotexts[0]
 
 
+def refused(words: str, result_file: str | None) -> None:
+    """borrow() refuses the loaded model with a message naming `words`, and nothing is changed."""
+    from modules import shared
+
+    from lib_ti.webui import host_model
+
+    try:
+        host_model.borrow()
+    except host_model.HostError as e:
+        message = str(e)
+    else:
+        raise AssertionError("training was not refused")
+    result = {"refused": message, "kind": type(shared.sd_model).__name__,
+              "is_inpaint": bool(getattr(shared.sd_model, "is_inpaint", False))}
+    assert words in message, result
+    print("RESULT " + json.dumps(result), flush=True)
+    if result_file:
+        with open(result_file, "w", encoding="utf-8") as f:
+            json.dump(result, f)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--ckpt", required=True)
     ap.add_argument("--data-dir", required=True)
     ap.add_argument("--result", help="also write the result JSON here (Forge may take over stdout)")
+    ap.add_argument("--prediction", help="the prediction type the adapter must find (epsilon, v_prediction)")
+    ap.add_argument("--refusal", help="only check that training is refused with a message containing this")
     a = ap.parse_args()
     boot(os.path.abspath(a.ckpt), os.path.abspath(a.data_dir))
+    if a.refusal:
+        return refused(a.refusal, a.result)
 
     import torch
     from backend.nn import unet
@@ -132,10 +157,11 @@ def main() -> None:
     before = state(m)
     assert any(f[3] for f in before["flags"]), "Forge's weights are expected to be inference tensors"
     model = host_model.borrow()
-    want = {"sd1": {"emb": 768}, "sdxl": {"clip_l": 768, "clip_g": 1280}}
+    want = {"sd1": {"emb": 768}, "sd2": {"emb": 1024}, "sdxl": {"clip_l": 768, "clip_g": 1280}}
     assert isinstance(model, forge_model.ForgeModel) and model.family in want, model
     assert model.slots() == want[model.family], model.slots()
-    result["family"] = model.family
+    result["family"], result["prediction_type"] = model.family, model.prediction_type
+    assert a.prediction in (None, model.prediction_type), result
 
     g = torch.Generator().manual_seed(0)
     x0, noise = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 4, 8, 8, generator=g)
