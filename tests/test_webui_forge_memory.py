@@ -163,6 +163,34 @@ def test_a_weight_shared_outside_the_model_keeps_its_data(forge):  # noqa: F811 
     assert outside.weight is lin.weight and snapshot(m) == before
 
 
+def test_a_weight_object_forge_replaces_during_the_run(forge):  # noqa: F811 (the fixture)
+    """Forge's set_parameter_devices / module_move put a *new* Parameter object in a slot
+    (`tensor2parameter(p.to(device))`, under inference_mode in a generation): the run uses it from
+    the next step on, the replaced one is freed, and the original object comes back with the
+    values; still one model's worth of bytes."""
+    forge("sd1")
+    from modules import shared
+
+    from lib_ti.webui import host_model
+
+    m = shared.sd_model
+    txt2img("a red ball")
+    size, before = model_bytes(m), snapshot(m)
+    base = live_bytes()
+    conv = m.forge_objects.unet.model.diffusion_model.conv_in
+    model = host_model.borrow()
+    vectors = start_vectors(model)
+    with model.training():
+        loss_of(model, vectors).backward()
+        with torch.inference_mode():  # a move to another device, as Forge makes it
+            conv.weight = torch.nn.Parameter(conv.weight.clone(), requires_grad=False)
+        assert conv.weight.is_inference()
+        loss_of(model, vectors, seed=1).backward()
+        assert not conv.weight.is_inference()
+        assert live_bytes() - base < 0.2 * size
+    assert snapshot(m) == before
+
+
 def test_casts_during_the_run_end_as_without_the_run(forge):  # noqa: F811 (the fixture)
     """The engine's float32 cast of the fp16 token embedding (Forge does it per prompt) and a
     lossy fp16 round trip of the UNet under inference_mode (as an extension's move might do)
