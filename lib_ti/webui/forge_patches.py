@@ -1,8 +1,9 @@
 """What a training run changes on Forge's loaded model, each change undone exactly on exit:
 inference-tensor weights replaced by ordinary tensors on the same storage (the weights are held
 once), frozen weights, clones before Forge's in-place residual adds, gradient checkpointing of the
-UNet blocks, the attention function, and the training embedding in every text engine's database. Used by forge_model.py; imported only
-inside Forge (lllyasviel/stable-diffusion-webui-forge, `backend`)."""
+UNet blocks, the attention function, and the training embedding in every text engine's database.
+Used by forge_model.py; imported only inside Forge (lllyasviel/stable-diffusion-webui-forge,
+`backend`)."""
 
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ class Trainable:
 
     def __init__(self, roots: list[torch.nn.Module]):
         self.roots = roots
-        self.originals: dict[int, _Original] = {}  # id(original object) ->
+        self.originals: dict[int, _Original] = {}  # by id of the original object
         self.slots: set[tuple[int, str, str]] = set()  # slots whose original is recorded
 
     def ensure(self) -> int:
