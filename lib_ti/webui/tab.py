@@ -27,7 +27,12 @@ from lib_ti.webui.ui_form import (
 )
 
 _built = {"train_tab": False}
-_JS_KW = "js" if int(gr.__version__.split(".")[0]) >= 4 else "_js"
+_GRADIO4 = int(gr.__version__.split(".")[0]) >= 4
+_JS_KW = "js" if _GRADIO4 else "_js"
+# Forge (gradio 4) queues each event one at a time by default: a second Train click would wait,
+# silent, for the whole first run. Unlimited, it gets its answer at once (the name is held; the
+# host's queue lock still runs one training at a time), as under A1111's gradio 3 queue.
+_TRAIN_KW = {_JS_KW: "ti_trainer_start", **({"concurrency_limit": None} if _GRADIO4 else {})}
 # Our own preview settings when the txt2img tab is not used; the prompt comes from sample_prompts.
 OWN_PREVIEW = {"negative_prompt": "", "steps": 20, "sampler_name": "Euler a", "cfg_scale": 7.0, "seed": -1,
                "width": 512, "height": 512}
@@ -239,7 +244,7 @@ def _wire(ui: TabUI) -> None:
     live = [p["status"], p["plot"], p["norms"], p["load_check"], p["gallery"], p["checkpoints"], p["seen"]]
     p["train"].click(
         fn=start,
-        inputs=inputs, outputs=[p["status"], p["error"]], **{_JS_KW: "ti_trainer_start"},
+        inputs=inputs, outputs=[p["status"], p["error"]], **_TRAIN_KW,
     ).then(fn=ui_handlers.refresh, inputs=[p["task_id"], p["seen"]], outputs=live)
     p["refresh"].click(fn=ui_handlers.refresh, inputs=[p["task_id"], p["seen"]], outputs=live, queue=False)
     p["interrupt"].click(fn=ui_handlers.interrupt, inputs=[p["task_id"]], outputs=[p["notice"]],
