@@ -245,6 +245,14 @@ def test_tab_trains_in_forge(forge, tmp_path):
             for field, value in {"preview_width": 64, "preview_height": 64, "preview_steps": 2}.items():
                 fill(field, value)
             page.click("#ti_trainer_train")
+            # a second click while the first run holds the name is answered at once (gradio 4 would
+            # otherwise queue it silently behind the whole first run)
+            page.wait_for_function("() => !!document.querySelector('#ti_trainer_status [data-status]')",
+                                   timeout=60_000)
+            page.click("#ti_trainer_train")
+            page.wait_for_function(
+                "() => (document.querySelector('#ti_trainer_error') || {}).textContent?.includes('already queued')",
+                timeout=30_000)
             status, deadline = (None, 0), time.time() + 300
             while time.time() < deadline:
                 status = page.evaluate("""() => { const s = document.querySelector('#ti_trainer_status [data-status]');
