@@ -58,7 +58,8 @@ class TrainConfig:
     v_parameterization: bool = _opt(False, "force v-prediction targets (SD2-768-v style models)")
     output_dir: str = _opt("", "where the embedding and its checkpoints go", host=True)
     output_name: str = _opt("", "file name of the embedding (default: token_string)")
-    save_model_as: str = _opt("safetensors", "file format; invokeai: <output_dir>/<name>/learned_embeds.bin",
+    save_model_as: str = _opt("safetensors", "file format; pt: SD1/SD2 only; invokeai (CLI only): "
+                              "<output_dir>/<name>/learned_embeds.bin",
                               choices=("safetensors", "pt", "invokeai"))
     overwrite: bool = _opt(False, "replace an existing embedding of the same name")
     save_every_n_steps: int = _opt(0, "save a checkpoint every N steps (0: only at the end)", lo=0)
@@ -126,7 +127,9 @@ class TrainConfig:
     lr_scheduler_num_cycles: int = _opt(1, "restarts for cosine_with_restarts", lo=1, hi=1000)
     lr_scheduler_power: float = _opt(1.0, "power for polynomial", lo=0.0, hi=100.0)
     max_grad_norm: float = _opt(0.0, "clip the vectors' gradient norm (0: off)", lo=0.0)
-    optimizer_type: str = _opt("AdamW", "optimizer (8-bit/paged variants run as their full version)")
+    optimizer_type: str = _opt("AdamW", "optimizer (AdamW without weight decay unless optimizer_args sets it; "
+                               "8-bit/paged variants run as their full version; Prodigy and DAdaptAdam "
+                               "need their package)")
     optimizer_args: list = _opt([], "extra optimizer arguments 'key=value', e.g. weight_decay=0.01")
     mixed_precision: str = _opt("no", "compute precision", choices=("no", "fp16", "bf16"))
     gradient_checkpointing: bool = _opt(False, "less memory, ~30% slower")
