@@ -144,6 +144,15 @@ def main() -> int:
             "dtypes": sorted({str(p.dtype) for p in m.parameters()}),
         }
 
+    def weights() -> str:
+        """A hash of every parameter and buffer: the run must leave the model's values as they were."""
+        h = hashlib.sha1()
+        with torch.no_grad():
+            for n, t in [*m.named_parameters(), *m.named_buffers()]:
+                h.update(n.encode())
+                h.update(t.detach().contiguous().view(-1).view(torch.uint8).cpu().numpy().tobytes())
+        return h.hexdigest()
+
     model = host_model.borrow()
     slots = model.slots()
     # An embedding already registered under the token (as if loaded from a file), and another one.
@@ -159,7 +168,7 @@ def main() -> int:
 
     base_conds: list = []
     base_img, base_tok_img = txt2img("a photo of a cat"), txt2img(f"a photo of {TOKEN}", conds=base_conds)
-    before = snapshot()
+    before, weights_before = snapshot(), weights()
 
     # -- reads
     check("family", model.family == fam, model.family)
@@ -255,6 +264,7 @@ def main() -> int:
     check("after the run: everything as before", not d, d)
     check("after the run: previous db entries back", db.word_embeddings.get(TOKEN) is prev and
           db.word_embeddings.get("zzother") is other)
+    check("after the run: the model's weights unchanged", weights() == weights_before)
     check("txt2img without the token bit-identical", txt2img("a photo of a cat") == base_img)
     check("txt2img with the token gives the previous embedding again", txt2img(f"a photo of {TOKEN}") == base_tok_img)
 
@@ -267,6 +277,7 @@ def main() -> int:
         check("an exception inside training() propagates", str(e) == "boom")
     d = [k for k, v in snapshot().items() if v != before[k]]
     check("after the exception: everything as before", not d, d)
+    check("after the exception: the model's weights unchanged", weights() == weights_before)
     check("txt2img still bit-identical", txt2img("a photo of a cat") == base_img)
 
     # -- after saving
