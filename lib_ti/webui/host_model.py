@@ -85,10 +85,6 @@ def _refuse_unsupported(m: Any) -> None:
     if getattr(sd_unet, "current_unet", None) is not None:
         raise HostError(f"a replacement UNet is active ({sd_unet.current_unet}); set 'SD Unet' to Automatic/None "
                         "for training, gradients cannot pass through it")
-    first = next(m.model.diffusion_model.parameters(), None)
-    if first is not None and first.is_inference():
-        raise HostError("the model's weights are inference tensors (loaded under torch.inference_mode); "
-                        "gradients cannot pass through them on this WebUI")
 
 
 # -- the adapter ----------------------------------------------------------------------------------
@@ -193,7 +189,8 @@ class HostModel:
             if fp32 and was != torch.float32:
                 vae.to(was)  # back to the host's VAE dtype (fp16 -> fp32 -> fp16 is exact)
             self._vae_off_device()
-        return z.float()
+        z = z.float()
+        return z.clone() if z.is_inference() else z  # reForge encodes under inference_mode
 
     def encode_prompts(self, texts: list[str], token: str, vectors: dict[str, torch.Tensor],
                        sizes: list[SizeCond] | None = None) -> Any:
@@ -202,6 +199,8 @@ class HostModel:
         self._vae_off_device()
         clear_cond_caches()  # cached conditioning holding our vectors is stale after every step
         n, width = vector_shape(vectors, self.slots(), self.family)
+        if self._in_training:  # reForge: a preview may have moved weights under inference_mode
+            patches.ordinary_weights(self.m)
         vec = self._vec(vectors)
         with self._registered(token, vec, n, width), self._clip_skip(), devices.autocast():
             return self._encode(list(texts), sizes)
@@ -215,6 +214,7 @@ class HostModel:
         _refuse_unsupported(self.m)
         with contextlib.ExitStack() as stack:  # undone in reverse order, also after an exception
             stack.callback(clear_cond_caches)
+            patches.ordinary_weights(self.m)  # reForge on a GPU: weights moved under inference_mode
             stack.enter_context(patches.frozen(self.m))
             stack.enter_context(self._train_flags())
             if getattr(self.m, "lowvram", False):

@@ -91,6 +91,38 @@ def trainable_text_embedders(embedders: list[Any], text_embedders: list[Any]) ->
             set_or_del(e, "ucg_rate", ucg)
 
 
+def ordinary_weights(model: torch.nn.Module) -> int:
+    """reForge moves and casts weights inside torch.inference_mode (its generation loop and model
+    management: a GPU load at the first txt2img, a CLIP move in every encode), which makes them
+    inference tensors that autograd cannot use. Each such parameter or buffer gets an ordinary copy
+    (same values, device and dtype): a parameter whose data was swapped keeps its object (nothing
+    that holds it goes stale); a tensor object made under inference_mode (a moved buffer) cannot be
+    repaired in place ("do not track version counter") and is replaced in its module. Left so
+    afterwards: reForge computes with ordinary tensors as A1111 does. A1111 and reForge on a CPU
+    never have any. Returns how many."""
+    n = 0
+    for mod in model.modules():
+        for store in (mod._parameters, mod._buffers):
+            for name, t in list(store.items()):
+                if t is None or not t.is_inference():
+                    continue
+                fresh = t.detach().clone()  # outside inference_mode: an ordinary tensor
+                with contextlib.suppress(RuntimeError):
+                    t.data = fresh
+                if t.is_inference() or not _tracks_version(t):
+                    param = isinstance(t, torch.nn.Parameter)
+                    store[name] = torch.nn.Parameter(fresh, requires_grad=t.requires_grad) if param else fresh
+                n += 1
+    return n
+
+
+def _tracks_version(t: torch.Tensor) -> bool:
+    try:
+        return t._version >= 0
+    except RuntimeError:  # made under inference_mode
+        return False
+
+
 class Registration:
     """The training Embedding in the host's db for the length of a run, and the db as it was."""
 

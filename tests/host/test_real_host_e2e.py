@@ -36,7 +36,15 @@ if str(HERE) not in sys.path:
 
 import host_e2e  # noqa: E402  (beside this file)
 import host_server  # noqa: E402
-from host_e2e import CHROMIUM, TRAIN, Hosts, api_round_trip, image_folder, new_name, wait_task  # noqa: E402,F401
+from host_e2e import (  # noqa: E402,F401
+    CHROMIUM,
+    TRAIN,
+    Hosts,
+    api_round_trip,
+    image_folder,
+    new_name,
+    wait_task,
+)
 
 HOST = os.environ.get("TI_TRAINER_HOST_DIR", "")
 
