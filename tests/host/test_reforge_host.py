@@ -8,8 +8,9 @@ models/Stable-diffusion/tiny-sd1.safetensors, optionally tiny-sdxl.safetensors, 
 make_tiny_reforge_checkpoint.py writes the SD1 one (SDXL is ~2.6 GB: only when given).
 
   1. check_adapter.py in-process (reForge boots through its initialize_forge): SD1 with gradient
-     checkpointing (the ldm_patched blocks) and --medvram (a no-op flag in reForge), after a
-     generation; SDXL with checkpointing when its checkpoint exists.
+     checkpointing (the ldm_patched blocks; same gradient as without) and --medvram (a flag reForge
+     ignores), SDXL with checkpointing when its checkpoint exists; both after a generation and with
+     the weights made inference tensors first, as a GPU load under inference_mode leaves them.
   2. reForge as a server, this checkout linked into <data-dir>/extensions: POST /ti-trainer/v1/train
      ends done, /sdapi/v1/embeddings lists it (vectors, width), the next txt2img names it in
      `TI hashes` without a refresh, a prompt without it is bit-identical before and after (SD1;
@@ -93,10 +94,11 @@ def hosts(reforge_python, tiny, install_before, tmp_path_factory):
     assert after == install_before, f"the tests wrote into the install: {sorted(set(after) - set(install_before))}"
 
 
+# --inference-weights: as after a generation on a GPU (reForge moves weights under inference_mode)
 @pytest.mark.parametrize(("family", "options"), [
-    ("sd1", ["--checkpointing", "--host-arg=--medvram"]),
-    ("sdxl", ["--checkpointing"]),
-], ids=["sd1-checkpointing-medvram", "sdxl-checkpointing"])
+    ("sd1", ["--checkpointing", "--host-arg=--medvram", "--inference-weights"]),
+    ("sdxl", ["--checkpointing", "--inference-weights"]),
+], ids=["sd1-checkpointing-medvram-inference-weights", "sdxl-checkpointing-inference-weights"])
 def test_adapter_in_reforge(reforge_python, tiny, install_before, tmp_path, family, options):
     if not (tiny / "models" / "Stable-diffusion" / f"tiny-{family}.safetensors").is_file():
         pytest.skip(f"no tiny {family} checkpoint in {tiny}")
