@@ -189,8 +189,7 @@ class HostModel:
             if fp32 and was != torch.float32:
                 vae.to(was)  # back to the host's VAE dtype (fp16 -> fp32 -> fp16 is exact)
             self._vae_off_device()
-        z = z.float()
-        return z.clone() if z.is_inference() else z  # reForge encodes under inference_mode
+        return z.float()
 
     def encode_prompts(self, texts: list[str], token: str, vectors: dict[str, torch.Tensor],
                        sizes: list[SizeCond] | None = None) -> Any:

@@ -1,7 +1,8 @@
 """What a training run changes on the host's loaded model, each change undone exactly on exit:
 frozen weights, the training embedding in the db, SDXL embedder flags, a setting, gradient
 checkpointing of the UNet blocks, and --medvram placement; plus where the token-embedding layers
-sit. Used by host_model.py; imported only inside the host."""
+sit, and ordinary copies of weights reForge left as inference tensors (the one change kept, same
+values). Used by host_model.py; imported only inside the host."""
 
 from __future__ import annotations
 
