@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from lib_ti import config_compat
+from lib_ti.config_coerce import coerce as _coerce
 from lib_ti.config_compat import NOTED_KEYS
 from lib_ti.schedule import SCHEDULERS, parse_piecewise
 from lib_ti.toml_compat import MISSING, toml_module
@@ -73,6 +74,8 @@ class TrainConfig:
     use_object_template: bool = _opt(False, "ignore captions; use 'a photo of a {token}'-style prompts")
     use_style_template: bool = _opt(False, "ignore captions; use 'a painting in the style of {token}' prompts")
     template_file: str = _opt("", "A1111 template: a file, or subject/style/subject_filewords/style_filewords/none")
+    weighted_captions: bool = _opt(False, "CLI: read A1111's (word:1.2), [word] and BREAK in captions and preview "
+                                   "prompts (the WebUI's own parser always does)", host=True)
     # --- data ---
     train_data_dir: str = _opt("", "folder of images, flat or kohya <repeats>_<name> subfolders")
     dataset_config: str = _opt("", "kohya dataset TOML (replaces train_data_dir/reg_data_dir)")
@@ -103,6 +106,9 @@ class TrainConfig:
     bucket_no_upscale: bool = _opt(False, "never upscale small images into a bucket")
     flip_aug: bool = _opt(False, "random horizontal flips")
     random_crop: bool = _opt(False, "random instead of center crop (needs cache_latents off)")
+    color_aug: bool = _opt(False, "kohya's weak colour augmentation: small hue or gamma shifts (needs cache_latents off)")
+    face_crop_aug_range: str = _opt("", "'low,high' (e.g. 2.0,4.0): crop images named <name>_cx_cy_w_h around the "
+                                    "face, low..high face sizes per side (needs cache_latents off)")
     center_crop: bool = _opt(True, "crop the image's center to the training size (false: squash it, as InvokeAI)")
     cache_latents: bool = _opt(True, "encode images once and keep the latents in RAM")
     cache_latents_to_disk: bool = _opt(False, "also keep latents on disk for the next run")
@@ -222,7 +228,7 @@ class TrainConfig:
             numeric = isinstance(v, (int, float)) and not isinstance(v, bool)
             if numeric and (not math.isfinite(v) or (lo is not None and v < lo) or (hi is not None and v > hi)):
                 errors[f.name] = f"{v} is out of range {_range(lo, hi)}"
-        if why := config_compat.token_problem(self.token_string):  # at submit, not after the model loads
+        if why := config_compat.token_problem(self.token_string, self.weighted_captions):  # at submit
             errors["token_string"] = why
         try:
             parse_piecewise(self.learning_rate)
@@ -247,6 +253,13 @@ class TrainConfig:
             errors["min_bucket_reso"] = f"{self.min_bucket_reso} is larger than max_bucket_reso"
         if why := config_compat.check_caption_extension(self.caption_extension):
             errors["caption_extension"] = why
+        try:
+            config_compat.face_crop_range(self.face_crop_aug_range)
+        except ValueError as e:
+            errors["face_crop_aug_range"] = str(e)
+        for key in ("color_aug", "face_crop_aug_range"):
+            if getattr(self, key) and self.cache_latents:
+                errors[key] = "needs cache_latents off: a cached latent is one fixed view of each image (kohya rule)"
         if self.cache_latents_to_disk and not self.cache_latents:
             errors["cache_latents_to_disk"] = "needs cache_latents on"
         for arg in self.optimizer_args:
@@ -293,7 +306,9 @@ class TrainConfig:
 
     def subset_options(self) -> dict[str, Any]:
         """The per-image-folder options (kohya's subset keys) as `data.SubsetSpec` takes them."""
-        return {k: getattr(self, k) for k in SUBSET_FIELDS}
+        opts = {k: getattr(self, k) for k in SUBSET_FIELDS}
+        opts["face_crop_aug_range"] = config_compat.face_crop_range(self.face_crop_aug_range)
+        return opts
 
     @property
     def name(self) -> str:
@@ -303,7 +318,7 @@ class TrainConfig:
 SUBSET_FIELDS = ("caption_extension", "shuffle_caption", "keep_tokens", "caption_separator", "keep_tokens_separator",
                  "secondary_separator", "caption_prefix", "caption_suffix", "enable_wildcard", "caption_dropout_rate",
                  "caption_dropout_every_n_epochs", "caption_tag_dropout_rate", "token_warmup_min", "token_warmup_step",
-                 "flip_aug", "random_crop")
+                 "flip_aug", "random_crop", "color_aug", "face_crop_aug_range")
 
 
 def _range(lo: float | None, hi: float | None) -> str:
@@ -324,68 +339,3 @@ def _literal(v: str) -> Any:
     if v.startswith("(") and v.endswith(")"):
         return tuple(_literal(x.strip()) for x in v[1:-1].split(",") if x.strip())
     return v
-
-
-_INT_LIMIT = 2**63  # beyond int64 every consumer (torch, range checks in messages) misbehaves
-
-
-def _coerce(f: dataclasses.Field, value: Any) -> Any:
-    """Accept what TOML, JSON, gradio (floats for ints) and `--set k=v` strings give."""
-    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= _INT_LIMIT:
-        raise ValueError("number is too large")
-    if f.name == "learning_rate":
-        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise ValueError(f"expected a number or a piecewise string, got {value!r:.60}")
-        return str(value).strip()
-    if f.name == "resolution":
-        if isinstance(value, (list, tuple)):
-            try:
-                return ",".join(str(int(v)) for v in value)
-            except (TypeError, ValueError, OverflowError):  # [null], [1e999], ["a"]
-                raise ValueError(f"expected 'N', 'W,H' or [W, H] of whole numbers, got {value!r:.60}") from None
-        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise ValueError(f"expected 'N', 'W,H' or [W, H] of whole numbers, got {value!r:.60}")
-        return str(value)
-    if f.name == "seed" and value is None:
-        return -1
-    if isinstance(default, bool):
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return value.lower() in ("true", "1", "yes")
-        if isinstance(value, (int, float)) and value in (0, 1):
-            return bool(value)
-        raise ValueError(f"expected true or false, got {value!r}")
-    if isinstance(default, int):
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        try:
-            num = float(value) if not isinstance(value, bool) else math.nan
-        except (TypeError, ValueError, OverflowError):
-            num = math.nan
-        if not math.isfinite(num) or num != int(num):
-            raise ValueError(f"expected a whole number, got {value!r:.60}")
-        if abs(num) >= _INT_LIMIT:
-            raise ValueError("number is too large")
-        return int(num)
-    if isinstance(default, float):
-        try:
-            if isinstance(value, bool):
-                raise ValueError
-            return float(value)
-        except (TypeError, ValueError, OverflowError):
-            raise ValueError(f"expected a number, got {value!r:.60}") from None
-    if isinstance(default, list):
-        if isinstance(value, str):
-            return [p for p in value.split() if p]
-        if isinstance(value, (list, tuple)):
-            return [str(v) for v in value]
-        raise ValueError(f"expected a list, got {value!r:.60}")
-    if isinstance(default, str):
-        if value is None:
-            return ""
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise ValueError(f"expected text, got {value!r:.60}")
-        return str(value)
-    return value

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -60,9 +61,6 @@ NOTED_KEYS = {
 
 # Accepted when off (as a copied config has them); refused with the reason when on.
 REFUSED_WHEN_ON = {
-    "color_aug": "colour augmentation is not implemented: it would need cache_latents off, and colour is "
-                 "often part of what an embedding should learn",
-    "face_crop_aug_range": "face crops are not implemented (kohya needs the image's face at a fixed place)",
     "push_to_hub": _HUB + "; upload the saved file yourself",
     "front_end": "there is no text UI here; the WebUI tab is the interface",
     "gui": "there is no text UI here; the WebUI tab is the interface",
@@ -106,11 +104,16 @@ _CKPT = re.compile(r"^(?:learned_embeds-steps-|(?P<name>.+)-)(?P<step>\d+)\.(?:s
 _CAPTION_EXTENSION = re.compile(r"^\.?[A-Za-z0-9_\-][A-Za-z0-9_.\-]*$")  # a suffix, never a path
 
 
-def token_problem(token: str) -> str | None:
-    """Why `token` cannot be the trained word (it is also the file name), or None."""
+def token_problem(token: str, weighted: bool = False) -> str | None:
+    """Why `token` cannot be the trained word (it is also the file name), or None. The safe
+    characters hold none of the emphasis syntax ('(', '[', ':', '\\'); with weighted captions a
+    'BREAK' in it would end the chunk mid-name, so no caption could name it."""
     if not token.strip():
         return "is required: the word you will type in prompts"
     if SAFE_TOKEN.match(token):
+        if weighted and re.search(r"\bBREAK\b", token, re.IGNORECASE):
+            return (f"'{token}' holds the word BREAK, which weighted_captions reads as a chunk break in "
+                    "captions; choose a name without it")
         return None
     hint = (" (write it without InvokeAI's <brackets>, or give it as placeholder_token)"
             if strip_token(token) != token.strip() else "")
@@ -122,6 +125,31 @@ def check_caption_extension(ext: Any) -> str | None:
     if not isinstance(ext, str) or not _CAPTION_EXTENSION.match(ext) or ".." in ext:
         return f"'{ext}' must be a file extension such as .txt or .caption (letters, digits, '_', '-', '.')"
     return None
+
+
+def face_crop_problem(pair: Any) -> str | None:
+    """Why (low, high) cannot be a face_crop_aug_range, or None. The values are how many face sizes
+    the crop's short side spans (kohya: '2.0,4.0'), so low > 0 and low <= high."""
+    lo, hi = pair
+    if not (math.isfinite(lo) and math.isfinite(hi) and 0 < lo <= hi <= 100):
+        return f"must be low,high with 0 < low <= high <= 100 (face sizes per crop side), got {lo},{hi}"
+    return None
+
+
+def face_crop_range(text: str) -> tuple[float, float] | None:
+    """TrainConfig's 'low,high' text as numbers (None when empty); ValueError says what is wrong."""
+    if not text.strip():
+        return None
+    parts = [p for p in re.split(r"[,\s]+", text.strip()) if p]
+    try:
+        pair = tuple(float(p) for p in parts)
+    except ValueError:
+        pair = ()
+    if len(pair) != 2:
+        raise ValueError(f"'{text}' must be two numbers 'low,high', e.g. '2.0,4.0'")
+    if why := face_crop_problem(pair):
+        raise ValueError(why)
+    return pair[0], pair[1]
 
 
 def _on(v: Any) -> bool:

@@ -1,7 +1,8 @@
 """Checks that can run before a run is queued, so the tab and the HTTP API (422) name the bad field
 at submit instead of a run failing after it started: the output name as a file name on every OS,
-the size of an embedding file before it is read, and everything `prepare` would find (token,
-init word, weights, images, template, captions) plus the optimizer arguments. Host-free."""
+the size of an embedding file before it is read, kohya's per-line preview options in
+`sample_prompts`, and everything `prepare` would find (token, init word, weights, images, template,
+captions) plus the optimizer arguments. Host-free."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typing import Any
 
 import torch
 
-from lib_ti import optim
+from lib_ti import optim, sample_prompts
 from lib_ti.config import ConfigError, TrainConfig
 from lib_ti.model import TrainableModel
 
@@ -24,6 +25,10 @@ RESERVED = {"CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$",
 # An embedding is at most 75 vectors x 2048 wide (SDXL clip_l + clip_g) in fp32: ~600 KB.
 MAX_EMBEDDING_BYTES = 16 * 2**20
 MAX_HEADER_BYTES = 2**20
+# What a preview render accepts (the API's `preview` object, the tab's preview settings, and the
+# per-line options of `sample_prompts`): outside these a render fails or runs for hours.
+PREVIEW_RANGES = {"steps": (1, 150), "cfg_scale": (0.0, 30.0), "seed": (-1, 2**32 - 1),
+                  "width": (64, 2048), "height": (64, 2048)}
 
 
 def name_problem(name: str) -> str | None:
@@ -109,6 +114,34 @@ def optimizer_problem(cfg: TrainConfig) -> dict[str, str]:
     return {}
 
 
+def preview_value_problem(key: str, value: float) -> str | None:
+    low, high = PREVIEW_RANGES[key]
+    if not low <= value <= high:
+        return f"{value} is out of range {low}..{high}"
+    if key in ("width", "height") and int(value) % 8:
+        return f"{value} is not a multiple of 8"
+    return None
+
+
+def sample_prompt_problems(cfg: TrainConfig) -> dict[str, str]:
+    """kohya's per-line preview options (--w 512 --s 30 ...) within PREVIEW_RANGES, so a preview
+    cannot fail or run for hours after the run started. Names the line and the option, never the
+    value (the lines may come from a file)."""
+    if cfg.sample_every_n_steps <= 0 or not cfg.sample_prompts:
+        return {}
+    try:
+        lines = sample_prompts.lines(cfg.sample_prompts)
+    except (OSError, ValueError):  # (where it may be is the front end's path policy)
+        return {"sample_prompts": "cannot be read as a prompts file"}
+    for n, line in enumerate(lines, 1):
+        options = {k: v for k, v in sample_prompts.parse_line(line).items() if k in PREVIEW_RANGES}
+        bad = [k for k, v in options.items() if preview_value_problem(k, v)]
+        if bad:
+            ranges = ", ".join(f"{k} {PREVIEW_RANGES[k][0]}..{PREVIEW_RANGES[k][1]}" for k in bad)
+            return {"sample_prompts": f"line {n}: preview options out of range ({ranges}; sizes multiples of 8)"}
+    return {}
+
+
 def run_problems(cfg: TrainConfig, model: TrainableModel | None) -> dict[str, str]:
     """Everything knowable before the run: the name, the optimizer, and (with a model) what
     `prepare` checks, run without the latent cache and the validation batch so it stays cheap."""
@@ -123,11 +156,11 @@ def run_problems(cfg: TrainConfig, model: TrainableModel | None) -> dict[str, st
     errors.update({k: v for k, v in optimizer_problem(cfg).items() if k not in errors})
     if model is None or errors:
         return errors
-    from lib_ti.prepare import PrepareError, prepare
+    from lib_ti.prepare import PrepareError, check_cacheable, prepare
 
     light = cfg.replace(cache_latents=False, cache_latents_to_disk=False, validation_every_n_steps=0)
     try:
-        prepare(light, model, lambda *a: None, lambda: False)
+        check_cacheable(cfg, prepare(light, model, lambda *a: None, lambda: False).items)
     except PrepareError as e:
         errors[e.field] = str(e)
     except ConfigError as e:

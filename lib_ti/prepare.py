@@ -12,6 +12,7 @@ import torch
 
 from lib_ti import data, formats
 from lib_ti.config import TrainConfig
+from lib_ti.data.latents import refuse_random_crop
 from lib_ti.embedding import Embedding
 from lib_ti.model import SINGLE_SLOT, SizeCond, TrainableModel
 from lib_ti.tokens import TokenError, check_token_string, init_vectors
@@ -89,6 +90,18 @@ def dataset_spec(cfg: TrainConfig) -> data.DatasetSpec:
     return data.DatasetSpec(subsets=subsets, **base)
 
 
+def check_cacheable(cfg: TrainConfig, items: list) -> None:
+    """kohya's rule (a cached latent is one fixed view): per-subset random_crop / color_aug /
+    face_crop_aug_range from a dataset TOML need cache_latents off. Checked before any latent is
+    encoded, and by the submit checks (the top-level options are config checks)."""
+    if not cfg.cache_latents:
+        return
+    try:
+        refuse_random_crop(items)
+    except data.DataError as e:
+        raise PrepareError("dataset_config" if cfg.dataset_config else "cache_latents", str(e)) from None
+
+
 def check_data(cfg: TrainConfig) -> data.ScanResult:
     """The dataset read without a model (the CLI runs this before loading one)."""
     try:
@@ -161,6 +174,7 @@ def prepare(cfg: TrainConfig, model: TrainableModel, progress: Callable[[str, in
         raise PrepareError("train_data_dir", "no training images (only regularization images were found)")
     warnings += check_prompts(prompts, train_items, cfg.token_string)
 
+    check_cacheable(cfg, items)
     cache = None
     if cfg.cache_latents:
         cache = data.LatentCache.build(
@@ -187,7 +201,7 @@ def validation_batch(cfg: TrainConfig, model: TrainableModel, train_items: list,
         if cache is not None:
             latent, size = cache.get(items.index(it), flip=False)
         else:
-            pixels, size = data.load_pixels(it, random.Random(cfg.validation_seed), flip=False)
+            pixels, size = data.load_pixels(it, random.Random(cfg.validation_seed), flip=False, colour=False)
             latent = model.encode_images(pixels[None].to(model.device))[0].float().cpu()
         latents.append(latent.float())
         sizes.append(size)

@@ -330,4 +330,8 @@ def _latents(model: TrainableModel, prep: Prepared, batch: list[int], flips: lis
         px, size = data.load_pixels(prep.items[i], rng, flip=f)
         pixels.append(px)
         sizes.append(size)
-    return model.encode_images(torch.stack(pixels).to(model.device)).float().cpu(), sizes
+    # The VAE samples each latent from torch's global RNG: seed it from the run's RNG (part of the
+    # resume state), so a run without the latent cache repeats per seed and resumes exactly.
+    with torch.random.fork_rng(devices=[model.device] if model.device.type == "cuda" else []):
+        torch.manual_seed(rng.getrandbits(63))
+        return model.encode_images(torch.stack(pixels).to(model.device)).float().cpu(), sizes

@@ -137,6 +137,7 @@ def train(cfg: TrainConfig, stop: Any = None) -> run.RunResult:
     except (ValueError, OSError) as e:  # not a model folder, a damaged file: the user's input
         first = (str(e).strip().splitlines() or [""])[0]
         raise ConfigError({"pretrained_model_name_or_path": f"cannot load a model from it: {first}"}) from None
+    model.prompts.weighted = cfg.weighted_captions  # A1111's emphasis syntax in captions and previews
     rank, world, reduce = distributed()
     out.write_files = rank == 0
     if world > 1 and cfg.seed < 0:

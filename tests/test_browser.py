@@ -154,6 +154,24 @@ def test_a_bad_token_is_named_and_outlined(page):
     shot(page, "tab_bad_token.png")
 
 
+def test_what_the_run_would_find_is_named_at_submit_and_nothing_starts(page, server):
+    """The API's submit checks run in the tab too: an init word of several tokens is named before
+    the queue, and the host's progress bar ends with the refusal (no wait for a run never queued)."""
+    _url, workdir = server
+    init_word = page.input_value("#ti_trainer_init_word textarea, #ti_trainer_init_word input")
+    fill(page, "token_string", "mytok321")
+    fill(page, "train_data_dir", workdir / "data")
+    fill(page, "init_word", "a castle on a hill")
+    page.click("#ti_trainer_train")
+    page.wait_for_selector("#ti_trainer_error li[data-field='init_word']", timeout=120_000)
+    page.wait_for_selector("#ti_trainer_init_word.ti-trainer-bad", timeout=5_000)
+    page.wait_for_function("() => !document.querySelector('#ti_trainer_run .progressDiv')", timeout=20_000)
+    assert "Initialization word" in page.inner_text("#ti_trainer_error")
+    assert not any(workdir.rglob("mytok321*"))
+    shot(page, "tab_bad_init_word.png")
+    fill(page, "init_word", init_word)
+
+
 def test_interrupt_stops_a_long_run_and_keeps_its_work(page, server):
     _url, workdir = server
     fill(page, "token_string", "mytok456")

@@ -89,9 +89,10 @@ def test_vectors_stay_together_and_chunks_hold_75(prompts):
 def test_prompt_syntax_is_plain_text(prompts):
     """A1111's trainer runs captions through its prompt parser (BREAK starts a chunk, (x) weighs
     1.1, \\( escapes); this trainer, like kohya without --weighted_captions, reads them as text:
-    'BREAK' is a word and parentheses are tokens. The vectors still train wherever they sit."""
+    'BREAK' is a word and parentheses are tokens. The vectors still train wherever they sit.
+    (weighted_captions = true reads them as A1111 does: tests/test_weighted_captions.py.)"""
     assert layout(prompts, SYNTAX["BREAK_text"], 1) == [(8, [4])]  # A1111: [(4, [4]), (3, [])]
-    assert layout(prompts, SYNTAX["parens"], 1) == [(13, [7])]  # A1111: 8 tokens, weights 1.1 / 0.909
+    assert layout(prompts, SYNTAX["parens"], 1) == [(13, [7])]  # A1111: 7 tokens, weights 1.1 / 0.909
 
 
 def test_comma_backtrack_moves_the_vectors_with_their_placeholder(prompts):

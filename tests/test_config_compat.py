@@ -106,13 +106,12 @@ def test_alias_and_own_name_must_agree():
     assert "model" in e.value.errors and "pretrained_model_name_or_path" in e.value.errors["model"]
 
 
-@pytest.mark.parametrize("key, on", [("color_aug", True), ("face_crop_aug_range", [2.0, 4.0]),
-                                     ("push_to_hub", True), ("in_json", "meta.json")])
+@pytest.mark.parametrize("key, on", [("push_to_hub", True), ("in_json", "meta.json")])
 def test_unimplemented_options_are_refused_only_when_switched_on(key, on):
     with pytest.raises(ConfigError) as e:
         TrainConfig.from_dict({**BASE, key: on})
     assert e.value.errors[key] == REFUSED_WHEN_ON[key]
-    off = TrainConfig.from_dict({**BASE, key: None if key != "color_aug" else False})
+    off = TrainConfig.from_dict({**BASE, key: None})
     assert any(n.startswith(f"{key}: off") for n in off.notes())
 
 

@@ -192,7 +192,7 @@ def test_replace_keeps_the_notes_and_host_fields_come_from_the_config():
     moved = cfg.replace(output_dir="/somewhere", mixed_precision="fp16")
     assert [n.split(":")[0] for n in moved.notes()] == ["xformers", "save_state"]
     assert set(TrainConfig.host_decided()) == {"pretrained_model_name_or_path", "v2", "output_dir", "device",
-                                               "debug_dataset"}
+                                               "debug_dataset", "weighted_captions"}
 
 
 def test_sample_prompts_are_parsed_once_for_every_front_end(tmp_path):

@@ -8,6 +8,7 @@ The same in a real Forge: tests/host/test_forge_host.py."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import sys
 from pathlib import Path
 
@@ -57,6 +58,8 @@ def snapshot(m) -> dict:
         "objects": [(n, k, id(t)) for n, x in mods for k, t in [*x._parameters.items(), *x._buffers.items()]],
         "flags": [(n, p.requires_grad, p.is_inference(), p.grad is None) for n, x in mods
                   for p in x._parameters.values() if p is not None],
+        "values": [(n, k, *fingerprint(t)) for n, x in mods for k, t in [*x._parameters.items(), *x._buffers.items()]
+                   if t is not None],
         "hooks": [(n, list(x._forward_pre_hooks.values()), list(x._forward_hooks.values())) for n, x in mods],
         "instance_forward": [n for n, x in mods if "forward" in vars(x)],
         "attention": unet.attention_function,
@@ -66,6 +69,12 @@ def snapshot(m) -> dict:
         "clip_skip": [e.clip_skip for e in engines(m).values()],
         "infotext": dict(classic_engine.last_extra_generation_params),
     }
+
+
+def fingerprint(t: torch.Tensor) -> tuple:
+    """dtype, device, shape and a hash of the exact bytes."""
+    raw = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    return str(t.dtype), str(t.device), tuple(t.shape), hashlib.sha1(raw).hexdigest()
 
 
 def start_vectors(model, n: int = 2) -> dict[str, torch.Tensor]:
@@ -234,6 +243,7 @@ def test_everything_is_restored_after_an_exception(forge):
     from lib_ti.webui import host_model
 
     m = shared.sd_model
+    txt2img("a red ball")  # Forge's prompts turn the fp16 token embedding to float32 (the run's would too)
     before = snapshot(m)
     model = host_model.borrow()
     vectors = start_vectors(model)

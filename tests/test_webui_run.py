@@ -189,7 +189,7 @@ def test_resume_from_a_tab_checkpoint_continues_exactly(host, images):
     from lib_ti.webui import job, ui_handlers
 
     assert ckpt in ui_handlers.embedding_choices()  # offered for resuming in the tab
-    published = job.publish_checkpoint(ckpt)  # the state travels with a published checkpoint
+    published, _card = job.publish_checkpoint(ckpt)  # the state travels with a published checkpoint
     assert Path(resume.state_path(published)).is_file() and os.stat(published).st_mode & 0o077 != 0o000
     again = train(images, "restok", max_train_steps=8, weights=ckpt, output_name="restok2")
     assert again.status == "done" and any("resuming exactly" in n for n in again.notes), again.notes

@@ -17,7 +17,8 @@ from lib_ti.webui import plot
 
 TESTS = Path(__file__).resolve().parent
 TOKEN = "mytok123"
-CLI_ONLY = ("pretrained_model_name_or_path", "device", "v2", "output_dir", "debug_dataset")
+CLI_ONLY = ("pretrained_model_name_or_path", "device", "v2", "output_dir", "debug_dataset",
+            "weighted_captions")
 
 
 # ---------------------------------------------------------------- plot (no host needed)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lib_ti.config_compat import REFUSED_WHEN_ON, check_caption_extension
+from lib_ti.config_compat import REFUSED_WHEN_ON, check_caption_extension, face_crop_problem
 from lib_ti.data.spec import MAX_REPEATS, SUBSET_OPTIONS, DataError, DatasetSpec, SubsetSpec
 from lib_ti.toml_compat import MISSING, toml_module
 
@@ -17,7 +17,7 @@ DATASET_KEYS = ("resolution", "batch_size", "enable_bucket", "min_bucket_reso", 
                 "bucket_reso_steps", "bucket_no_upscale", "center_crop")
 # kohya keys this trainer does not use: accepted (as a copied kohya TOML has them) with the reason
 # in config_compat; those whose effect is missing are refused there when switched on.
-EXPLAINED = ("cache_info", "network_multiplier", "color_aug", "face_crop_aug_range")
+EXPLAINED = ("cache_info", "network_multiplier")
 DEFAULTABLE = tuple(k for k in SUBSET_OPTIONS)  # any subset option may be set higher up
 ALLOWED = {
     "top level": ("general", "datasets"),
@@ -89,9 +89,12 @@ def _check_value(key: str, v: Any, where: str) -> Any:
             raise bad("a number" + (f" in {lo}..{hi}" if hi is not None else f" >= {lo}" if lo is not None else ""))
         return float(v)
     if key == "face_crop_aug_range":
-        if not (isinstance(v, list) and len(v) == 2 and all(isinstance(x, (int, float)) for x in v)):
-            raise bad("[low, high]")
-        return tuple(v)
+        if not (isinstance(v, list) and len(v) == 2 and all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)):
+            raise bad("[low, high], e.g. [2.0, 4.0]")
+        if why := face_crop_problem(v):
+            raise DataError(f"'{key}' in {where} {why}")
+        return (float(v[0]), float(v[1]))
     if not isinstance(v, int) or isinstance(v, bool):
         raise bad("an integer")
     if v < _MIN.get(key, 0):

@@ -15,6 +15,7 @@ import torch
 from PIL import Image, ImageOps
 
 from lib_ti.config_compat import check_caption_extension
+from lib_ti.data import augment
 from lib_ti.data.buckets import BucketManager
 from lib_ti.data.spec import DataError, DatasetSpec, SubsetSpec, list_images
 from lib_ti.model import SizeCond
@@ -140,17 +141,29 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
 
 
 def load_pixels(item: ImageItem, rng: random.Random | None = None, flip: bool = False,
-                ) -> tuple[torch.Tensor, SizeCond]:
-    """The training view of `item`: [3, bh, bw] float32 in [-1, 1] and its SDXL size condition."""
+                colour: bool = True) -> tuple[torch.Tensor, SizeCond]:
+    """The training view of `item`: [3, bh, bw] float32 in [-1, 1] and its SDXL size condition.
+    kohya's order: crop (around the face for a face-named image when face_crop_aug_range is set),
+    then color_aug (unless `colour` is off: the validation batch keeps the images' own colours),
+    then the flip."""
     img = open_rgb(item.path)
-    rw, rh = item.resized
-    if img.size != (rw, rh):
-        # LANCZOS keeps detail when shrinking; it rings when enlarging, where BICUBIC is smoother
-        shrink = rw * rh < img.size[0] * img.size[1]
-        img = img.resize((rw, rh), _RS.LANCZOS if shrink else _RS.BICUBIC)
-    top, left = crop_box(item, rng)
+    rng = rng or random.Random()
+    face = augment.face_info(item.path) if item.subset.face_crop_aug_range else None
     bw, bh = item.bucket
-    img = img.crop((left, top, left + bw, top + bh))
+    if face:
+        img = augment.face_crop(img, face, item.bucket, item.subset.face_crop_aug_range, item.subset.random_crop, rng)
+        size = SizeCond(original_hw=(bh, bw), crop_top_left=(0, 0), target_hw=(bh, bw))  # as kohya: the crop
+    else:
+        rw, rh = item.resized
+        if img.size != (rw, rh):
+            # LANCZOS keeps detail when shrinking; it rings when enlarging, where BICUBIC is smoother
+            shrink = rw * rh < img.size[0] * img.size[1]
+            img = img.resize((rw, rh), _RS.LANCZOS if shrink else _RS.BICUBIC)
+        top, left = crop_box(item, rng)
+        img = img.crop((left, top, left + bw, top + bh))
+        size = size_cond(item, top, left, flip)
+    if colour and item.subset.color_aug:
+        img = augment.color_aug(img, rng)
     if flip:
         img = img.transpose(_FLIP)
-    return to_tensor(img), size_cond(item, top, left, flip)
+    return to_tensor(img), size

@@ -140,8 +140,11 @@ class LatentCache:
 
 
 def refuse_random_crop(items: list[ImageItem]) -> None:
-    dirs = sorted({it.subset.image_dir for it in items if it.subset.random_crop})
-    if dirs:
-        raise DataError("random_crop cannot be combined with cached latents: a cached latent is one fixed "
-                        f"crop and cannot be re-cropped (kohya rule). Turn off random_crop or cache_latents "
-                        f"(random_crop is on for: {', '.join(dirs)})")
+    """kohya's rule: a cached latent is one fixed view of the image, so the options that change the
+    view each step (random_crop, color_aug, face_crop_aug_range) need cache_latents off."""
+    for opt in ("random_crop", "color_aug", "face_crop_aug_range"):
+        dirs = sorted({it.subset.image_dir for it in items if getattr(it.subset, opt)})
+        if dirs:
+            raise DataError(f"{opt} cannot be combined with cache_latents: a cached latent is one fixed view "
+                            f"of the image and cannot be re-cropped or re-coloured each step (kohya rule). Turn "
+                            f"off {opt} or cache_latents ({opt} is on for: {', '.join(dirs)})")

@@ -43,6 +43,9 @@ class SubsetSpec:
     caption_tag_dropout_rate: float = 0.0
     token_warmup_min: int = 1
     token_warmup_step: float = 0.0
+    # kohya image augmentation (augment.py); both need the images loaded each step (no latent cache)
+    color_aug: bool = False
+    face_crop_aug_range: tuple[float, float] | None = None  # (low, high): crop = low..high face sizes
 
 
 @dataclass

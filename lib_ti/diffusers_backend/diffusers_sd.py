@@ -197,8 +197,10 @@ class DiffusersSD(DiffusersModel):
         vec = vectors[SINGLE_SLOT]
         if self.clip_skip > 1:
             out = inject.encode(te, batch, vec, output_hidden_states=True)
-            return batch.join(te.text_model.final_layer_norm(out.hidden_states[-self.clip_skip]))
-        return batch.join(inject.encode(te, batch, vec)[0])
+            states = te.text_model.final_layer_norm(out.hidden_states[-self.clip_skip])
+        else:
+            states = inject.encode(te, batch, vec)[0]
+        return batch.join(batch.emphasize(states))  # weights after clip skip and norm, as A1111
 
     def predict(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         out = self.unet(noisy_latents.to(self.dtype), timesteps, encoder_hidden_states=cond.to(self.dtype)).sample

@@ -46,14 +46,16 @@ class DiffusersSDXL(DiffusersModel):
         n = self._n_vectors(vectors)
         if sizes is not None and len(sizes) != len(texts):
             raise ValueError(f"{len(sizes)} sizes for {len(texts)} prompts")
-        outs = {}
+        outs, states = {}, []
         for slot, te, tok in ((CLIP_L, self.text_encoder, self.tokenizer),
                               (CLIP_G, self.text_encoder_2, self.tokenizer_2)):
-            # same slot positions (and chunks) in both encoders; only the padding id differs
+            # same slot positions, chunks and weights in both encoders; only the padding id differs
             batch = self.prompts.batch(texts, token, n, int(tok.pad_token_id), te.device)
             outs[slot] = inject.encode(te, batch, vectors[slot], output_hidden_states=True)
-        crossattn = torch.cat([batch.join(outs[s].hidden_states[-2].to(self.dtype)) for s in SDXL_SLOTS], dim=-1)
-        pooled = batch.first(outs[CLIP_G].text_embeds)  # the first chunk's, as A1111 takes it
+            # emphasis per encoder (each its own mean), as A1111 weighs clip_l and clip_g apart
+            states.append(batch.join(batch.emphasize(outs[slot].hidden_states[-2]).to(self.dtype)))
+        crossattn = torch.cat(states, dim=-1)
+        pooled = batch.first(outs[CLIP_G].text_embeds)  # the first chunk's, unweighted, as A1111 takes it
         return SDXLCond(crossattn, pooled, list(sizes) if sizes is not None else None)
 
     def time_ids(self, sizes: list[SizeCond | None] | None, batch: int, latent_hw: tuple[int, int]) -> torch.Tensor:

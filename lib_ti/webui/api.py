@@ -4,7 +4,7 @@ interrupt it, list runs, inspect an embedding file.
 
 Who may call them: api_guard.py (--api-auth, origin, JSON bodies, body size). What a request may
 name: api_paths.py (server-side folders). What is checked before 202: api_checks.py and
-lib_ti/preflight.py, each problem a 422 naming its field.
+submit_checks.py (shared with the tab), each problem a 422 naming its field.
 
 The models are plain pydantic BaseModels with defaults and optional fields only, which mean the same
 under pydantic 1 (A1111, reForge) and 2 (Forge). The train body is not a model: TrainConfig
@@ -23,7 +23,7 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from lib_ti.config import ConfigError
-from lib_ti.webui import api_checks, api_guard, api_inspect, api_paths, job
+from lib_ti.webui import api_checks, api_guard, api_inspect, api_paths, job, submit_checks
 from lib_ti.webui.api_checks import unprocessable
 from lib_ti.webui.tasks import REGISTRY, Task
 
@@ -102,9 +102,9 @@ def submit(raw: bytes) -> Any:
         raise unprocessable(errors) from None
     if errors:
         raise unprocessable(errors)
-    errors = {**api_checks.sample_prompt_problems(cfg), **api_checks.run_problems(cfg, values)}
-    if errors:
-        raise unprocessable(errors)
+    problems = submit_checks.problems(cfg, job.host_clip_skip(values))
+    if problems:
+        raise unprocessable({(k,): v for k, v in problems.items()})
     with _submit_lock:  # the limit, the name check and the queueing as one step
         api_checks.check_queue()
         busy = api_checks.busy_with(cfg.name)

@@ -1,30 +1,24 @@
 """Submit-time checks of a train request that are not path policy: the body itself, the preview
-options, what the run would find before its first step (lib_ti/preflight.py, shared with the
-tab), and the queue limit (429). Every other problem becomes a 422 naming its field, whatever
-the JSON holds."""
+options, and the queue limit (429). What the run would find before its first step is checked by
+submit_checks.py, shared with the tab. Every other problem becomes a 422 naming its field,
+whatever the JSON holds."""
 
 from __future__ import annotations
 
 import json
-import logging
 import math
-import traceback
 from typing import Any
 
 from fastapi import HTTPException
 
-from lib_ti import preflight
 from lib_ti.config import TrainConfig
 from lib_ti.config_compat import INVOKEAI_ALIASES, INVOKEAI_ONLY
+from lib_ti.preflight import PREVIEW_RANGES, preview_value_problem
 from lib_ti.webui import api_paths, job
 from lib_ti.webui.tasks import REGISTRY
 
-log = logging.getLogger("lib_ti")
-
 PREVIEW_TYPES = {"prompt": str, "negative_prompt": str, "sampler_name": str, "steps": int,
                  "cfg_scale": float, "seed": int, "width": int, "height": int}
-PREVIEW_RANGES = {"steps": (1, 150), "cfg_scale": (0.0, 30.0), "seed": (-1, 2**32 - 1),
-                  "width": (64, 2048), "height": (64, 2048)}
 MAX_WAITING = 16  # runs queued or running at once; more is 429
 MAX_MESSAGE = 300
 
@@ -115,73 +109,11 @@ def check_preview(preview: Any) -> tuple[dict[str, Any] | None, dict[Loc, str]]:
             errors[("preview", key)] = bad_value(value)
         elif kind is not str and (not number or not math.isfinite(value) or (kind is int and value != int(value))):
             errors[("preview", key)] = f"expected a {'whole ' if kind is int else ''}number"
-        elif key in PREVIEW_RANGES and not PREVIEW_RANGES[key][0] <= value <= PREVIEW_RANGES[key][1]:
-            errors[("preview", key)] = f"{value} is out of range {PREVIEW_RANGES[key][0]}..{PREVIEW_RANGES[key][1]}"
-        elif key in ("width", "height") and int(value) % 8:
-            errors[("preview", key)] = f"{value} is not a multiple of 8"
+        elif key in PREVIEW_RANGES and preview_value_problem(key, value):
+            errors[("preview", key)] = preview_value_problem(key, value)
         else:
             out[key] = kind(value)
     return out, errors
-
-
-def _model() -> Any:
-    """The loaded model for the checks, or None (no model, --lowvram, ...): the run reports why."""
-    from lib_ti.webui import host_model
-
-    try:
-        return host_model.borrow()
-    except Exception:
-        return None
-
-
-def run_problems(cfg: TrainConfig, values: dict[str, Any]) -> dict[Loc, str]:
-    """What the run would otherwise find only after it was queued (lib_ti/preflight.py)."""
-    try:
-        found = preflight.run_problems(cfg, _model())
-        if not job.host_clip_skip(values):
-            found.update(_clip_skip_problem(cfg.clip_skip))
-    except Exception:  # a check that breaks must not turn a submit into a 500; the run will say it
-        log.warning("TI trainer: a submit-time check failed:\n%s", traceback.format_exc())
-        return {}
-    return {(k,): v for k, v in found.items()}
-
-
-def sample_prompt_problems(cfg: TrainConfig) -> dict[Loc, str]:
-    """kohya's per-line preview options (--w 512 --s 30 ...) within the preview ranges, so a preview
-    cannot fail or run for hours after the 202. Names the line and the option, never the value
-    (the lines may come from a file)."""
-    from lib_ti import sample_prompts
-
-    if cfg.sample_every_n_steps <= 0 or not cfg.sample_prompts:
-        return {}
-    try:
-        lines = sample_prompts.lines(cfg.sample_prompts)
-    except (OSError, ValueError):  # unreadable: the policy check already said where it may be
-        return {("sample_prompts",): "cannot be read as a prompts file"}
-    for n, line in enumerate(lines, 1):
-        options = {k: v for k, v in sample_prompts.parse_line(line).items() if k in PREVIEW_RANGES}
-        bad = [k for k, v in options.items() if not PREVIEW_RANGES[k][0] <= v <= PREVIEW_RANGES[k][1]
-               or (k in ("width", "height") and v % 8)]
-        if bad:
-            ranges = ", ".join(f"{k} {PREVIEW_RANGES[k][0]}..{PREVIEW_RANGES[k][1]}" for k in bad)
-            return {("sample_prompts",): f"line {n}: preview options out of range ({ranges}; sizes multiples of 8)"}
-    return {}
-
-
-def _clip_skip_problem(clip_skip: int) -> dict[str, str]:
-    """SD1's clip skip indexes the text encoder's hidden states: no more than it has layers."""
-    from lib_ti.webui import host_model
-
-    try:
-        m = host_model.sd_model()
-        if host_model.family_of(m) != "sd1":
-            return {}  # SD2 and SDXL ignore it, as the host does
-        layers = int(m.cond_stage_model.wrapped.transformer.config.num_hidden_layers)
-    except Exception:  # another text encoder layout: the run reports a bad value itself
-        return {}
-    if clip_skip > layers:
-        return {"clip_skip": f"{clip_skip} is more than the {layers} layers of the loaded text encoder"}
-    return {}
 
 
 def busy_with(name: str) -> str | None:

@@ -30,13 +30,15 @@ PREVIEW_EXTS = ("png", "jpg", "jpeg", "webp", "gif")  # ui_extra_networks.defaul
 
 
 def write_card(task: Any, emb: Embedding, path: str, cfg: TrainConfig | None = None,
-               preview: dict[str, Any] | None = None) -> list[str]:
+               preview: dict[str, Any] | None = None, step: int | None = None) -> list[str]:
     """Called after `path` was published and loaded. Never raises: a card is a nicety, the run's
-    result stands without it. Returns what it wrote (or why not), for the task's notes."""
+    result stands without it. Returns what it wrote (or why not), for the task's notes.
+    `step`: a published checkpoint's card, pictured by that step's preview only (never a render:
+    a run may hold the model)."""
     base = os.path.splitext(path)[0]
     name = os.path.basename(base)
     notes = []
-    for what, fn in (("preview", lambda: _preview(task, base, name, cfg, preview)),
+    for what, fn in (("preview", lambda: _preview(task, base, name, cfg, preview, step)),
                      ("metadata", lambda: _metadata(base, name, emb, cfg))):
         try:
             notes.append(fn())
@@ -58,15 +60,19 @@ def _ours_png(file: str) -> bool:
         return False
 
 
-def _preview(task: Any, base: str, name: str, cfg: TrainConfig | None, preview: dict[str, Any] | None) -> str:
+def _preview(task: Any, base: str, name: str, cfg: TrainConfig | None, preview: dict[str, Any] | None,
+             step: int | None = None) -> str:
     target = f"{base}.preview.png"
     existing = [f for ext in PREVIEW_EXTS for f in (f"{base}.{ext}", f"{base}.preview.{ext}") if os.path.isfile(f)]
     if existing and not (existing == [target] and _ours_png(target)):
         return f"card picture: kept the existing {os.path.basename(existing[0])}"
-    last = task.previews[-1] if task is not None and task.previews else None
+    shots = [(s, p) for s, p in (task.previews if task is not None else []) if step is None or s == step]
+    last = shots[-1] if shots else None
     if last is not None:
         with Image.open(last[1]) as im:
             image, source = im.copy(), f"the preview of step {last[0]}"
+    elif step is not None:
+        return f"card picture: none, the run rendered no preview at step {step}"
     else:
         if task is not None and (task.stop or host.stop_requested()):
             return ""  # an interrupted run: a render now would stop at once

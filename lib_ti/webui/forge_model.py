@@ -6,9 +6,10 @@ registered under the token in every text engine's database, and the prompt goes 
 engines themselves (outside inference_mode), so emphasis, BREAK, chunking, clip skip and every
 other embedding behave as in txt2img; SDXL's `vector` is built as Forge's sdxl.py builds it, per
 image. The UNet is `forge_objects.unet.model.diffusion_model`, called as KModel.apply_model calls
-it. For the run (see forge_patches): ordinary copies of inference-tensor weights, frozen weights,
-clones before Forge's in-place residual adds, PyTorch attention, optional checkpointing; all put
-back on exit, also after an exception.
+it. For the run (see forge_patches): ordinary tensors in place of the inference-tensor weights, on
+the same storage (no copy: the weights are held once), frozen weights, clones before Forge's
+in-place residual adds, PyTorch attention, optional checkpointing; all put back on exit, also
+after an exception.
 
     model = borrow()
     with model.training(gradient_checkpointing=True):

@@ -1,36 +1,58 @@
 """What a training run changes on Forge's loaded model, each change undone exactly on exit:
-inference-tensor weights replaced by ordinary ones, frozen weights, clones before Forge's in-place
-residual adds, gradient checkpointing of the UNet blocks, the attention function, and the
-training embedding in every text engine's database. Used by forge_model.py; imported only
-inside Forge (lllyasviel/stable-diffusion-webui-forge, `backend`)."""
+inference-tensor weights replaced by ordinary tensors on the same storage (the weights are held
+once), frozen weights, clones before Forge's in-place residual adds, gradient checkpointing of the
+UNet blocks, the attention function, and the training embedding in every text engine's database.
+Used by forge_model.py; imported only inside Forge (lllyasviel/stable-diffusion-webui-forge,
+`backend`)."""
 
 from __future__ import annotations
 
 import contextlib
+import sys
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 
-from lib_ti.webui.host_patches import frozen  # noqa: F401  (same for both hosts)
+
+class _Original:
+    """One weight object as Forge had it, the slots it sat in, and whether its storage was handed
+    over to the run's ordinary alias (then it holds nothing until restore)."""
+
+    def __init__(self, t: torch.Tensor):
+        self.t, self.shape, self.slots, self.released = t, tuple(t.shape), [], False
 
 
 class Trainable:
     """Forge loads and moves every weight under torch.inference_mode, so its parameters are
     inference tensors that autograd cannot save for backward ("Inference tensors cannot be saved
     for backward"); `p.data = clone` is not enough either (no version counter). So each such
-    Parameter / buffer *object* is replaced by an ordinary frozen copy for the run (one copy per
-    object, so a weight registered twice, as CLIPEmbeddingForTextualInversion.weight is, stays one).
-    Forge makes weights inference tensors again on any move under inference_mode (previews do),
-    hence `ensure()` before every step. `restore()` puts the original objects back, moved to where
-    the copies ended up if Forge moved them meanwhile."""
+    Parameter / buffer *object* is replaced for the run by an ordinary frozen tensor that *aliases
+    its storage* (no copy: the weights are held once), one per object, so a weight registered twice,
+    as CLIPEmbeddingForTextualInversion.weight is, stays one. The original object then lets go of
+    the storage (unless something outside the roots still holds it), so when Forge moves or casts
+    the run's tensor, the old memory is freed as in Forge's own moves. Forge makes weights
+    inference tensors again on any move under inference_mode (previews do), hence `ensure()`
+    before every step: it aliases those again. `restore()` puts the original objects back, each
+    taking over the storage of what sits in its slot then: no copy either, and the values, device
+    and dtype are exactly what Forge's own moves and casts made of its weights during the run
+    (bit-identical to before when it made none)."""
 
     def __init__(self, roots: list[torch.nn.Module]):
         self.roots = roots
-        self.originals: dict[tuple[int, str, str], tuple[torch.nn.Module, str, str, Any]] = {}
+        self.originals: dict[int, _Original] = {}  # by id of the original object
+        self.slots: set[tuple[int, str, str]] = set()  # slots whose original is recorded
 
     def ensure(self) -> int:
-        copies: dict[int, Any] = {}
+        n, fresh = self._swap()
+        for rec in fresh:  # after _swap returned: no local name holds an original any more
+            self._release(rec)
+        return n
+
+    def _swap(self) -> tuple[int, list[_Original]]:
+        aliases: dict[int, torch.Tensor] = {}
+        fresh: list[_Original] = []
         n = 0
         for root in self.roots:
             for mod in root.modules():
@@ -39,24 +61,79 @@ class Trainable:
                     for name, t in list(table.items()):
                         if t is None or not t.is_inference():
                             continue
-                        new = copies.get(id(t))
+                        rec = self.originals.get(id(t))
+                        if rec is not None and rec.released:
+                            raise RuntimeError(f"Forge put back the weight {name!r} of {type(mod).__name__} that "
+                                               "the training run had taken over; the run cannot continue safely")
+                        new = aliases.get(id(t))
                         if new is None:
-                            data = t.detach().clone()  # outside inference_mode: an ordinary tensor
-                            new = torch.nn.Parameter(data, requires_grad=False) if kind == "_parameters" else data
-                            copies[id(t)] = new
-                        self.originals.setdefault((id(mod), kind, name), (mod, kind, name, t))
+                            new = aliases[id(t)] = _alias(t, kind == "_parameters")
+                        key = (id(mod), kind, name)
+                        if key not in self.slots:  # the object Forge had here: put back at restore
+                            if rec is None:
+                                rec = self.originals[id(t)] = _Original(t)
+                                fresh.append(rec)
+                            rec.slots.append((mod, kind, name))
+                            self.slots.add(key)
                         table[name] = new
                         n += 1
-        return n
+        return n, fresh
+
+    @staticmethod
+    def _release(rec: _Original) -> None:
+        """The original lets go of its storage (the alias keeps it) if nothing but this record
+        holds the object: a holder outside the roots would read an empty tensor, so such a weight
+        keeps it (it may then exist twice if Forge moves the alias)."""
+        probe = _Original(torch.empty(0))  # held the same way by nothing else
+        if sys.getrefcount(rec.t) > sys.getrefcount(probe.t):
+            return
+        with torch.inference_mode():
+            rec.t.data = torch.empty(0, dtype=rec.t.dtype, device=rec.t.device)
+        rec.released = True
 
     def restore(self) -> None:
-        for mod, kind, name, orig in self.originals.values():
-            now = getattr(mod, kind).get(name)
-            if now is not None and (now.device != orig.device or now.dtype != orig.dtype):
-                with torch.inference_mode(orig.is_inference()):  # as Forge's own move would have
-                    orig.data = orig.data.to(now.device, now.dtype)
-            getattr(mod, kind)[name] = orig
+        lost = []
+        for rec in self.originals.values():
+            tables = [getattr(mod, kind) for mod, kind, _ in rec.slots]
+            now = [table.get(name) for table, (_, _, name) in zip(tables, rec.slots)]
+            source = next((x for x in now if x is not None and tuple(x.shape) == rec.shape), None)
+            if source is None:
+                lost.append(rec.slots[0][2])
+                continue  # leave what Forge has there: a working model, not an empty weight
+            if source is not rec.t:
+                with torch.inference_mode():
+                    rec.t.data = _alias(source, inference=True)
+            for table, (_, _, name) in zip(tables, rec.slots):
+                table[name] = rec.t
         self.originals.clear()
+        self.slots.clear()
+        if lost:
+            raise RuntimeError(f"weights removed from Forge's model during training could not be put back: {lost}")
+
+
+def _alias(t: torch.Tensor, parameter: bool = False, inference: bool = False) -> torch.Tensor:
+    """A tensor on the same storage as `t` (same dtype, offset, shape, strides): an ordinary one
+    (a frozen Parameter if `parameter`) or, with `inference`, an inference tensor."""
+    with torch.inference_mode(inference):
+        a = torch.empty(0, dtype=t.dtype, device=t.device)
+        a.set_(t.untyped_storage(), t.storage_offset(), t.size(), t.stride())
+    return torch.nn.Parameter(a, requires_grad=False) if parameter else a
+
+
+@contextlib.contextmanager
+def frozen(model: torch.nn.Module) -> Iterator[None]:
+    """Every weight requires_grad False, each flag put back as it was. Weak references: a strong
+    one would keep the storage of a tensor Forge replaces or moves during the run alive (the
+    run's aliases are frozen from the start and dropped at restore anyway)."""
+    flags = [(weakref.ref(p), p.requires_grad) for p in model.parameters()]
+    try:
+        model.requires_grad_(False)
+        yield
+    finally:
+        for ref, flag in flags:
+            p = ref()
+            if p is not None:
+                p.requires_grad_(flag)
 
 
 @contextlib.contextmanager

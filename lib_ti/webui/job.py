@@ -20,13 +20,14 @@ from lib_ti.files import RESERVED
 from lib_ti.prepare import PrepareError
 from lib_ti.tokens import TokenError, check_token_string
 from lib_ti.train import Callbacks, Progress
-from lib_ti.webui import card, host, host_model
+from lib_ti.webui import card, host, host_model, submit_checks
 from lib_ti.webui.tasks import REGISTRY, Task
 
 log = logging.getLogger("lib_ti")
 
 # Options the WebUI decides itself; the CLI-only ones make no sense with a borrowed model.
 HOST_FIXED = TrainConfig.host_decided()
+_configs: dict[str, TrainConfig] = {}  # task id -> its config, for the cards of published checkpoints
 PREVIEW_KEYS = ("prompt", "negative_prompt", "steps", "sampler_name", "cfg_scale", "seed", "width", "height")
 
 
@@ -115,8 +116,13 @@ def _reserve(cfg: TrainConfig, task_id: str) -> None:
 
 
 def _release(cfg: TrainConfig, task: Task) -> None:
+    unreserve(cfg, task.id)
+
+
+def unreserve(cfg: TrainConfig, owner: str) -> None:
+    """Free the name if `owner` still holds it (a no-op after the run released it)."""
     try:
-        RESERVED.release(host_model.embeddings_dir(), cfg.name, task.id)
+        RESERVED.release(host_model.embeddings_dir(), cfg.name, owner)
     except Exception:
         log.exception("releasing the name %s", cfg.name)
 
@@ -125,6 +131,9 @@ def execute(task: Task, cfg: TrainConfig, preview: dict[str, Any] | None = None,
             clip_skip: int | None = None) -> Task:
     """Run under the host's queue lock with shared.state begun (the callers see to that). Everything
     happens inside the error handling: the task always ends done, failed or interrupted."""
+    _configs[task.id] = cfg
+    for old in [k for k in _configs if REGISTRY.get(k) is None]:
+        del _configs[old]  # dropped from the registry: nothing to publish any more
     try:
         REGISTRY.update(task.id, status="running")
         model = host_model.borrow(clip_skip=clip_skip)
@@ -205,12 +214,30 @@ def publish(task: Task | None, emb: Embedding, path: str, overwrite: bool) -> st
     return path
 
 
-def publish_checkpoint(checkpoint_path: str, overwrite: bool = False) -> str:
-    """The tab's one-click publish of `<name>-<step>` from the log folder into the embeddings folder.
-    While a run holds the model, only the file is copied; the run's final reload picks it up."""
+def publish_checkpoint(checkpoint_path: str, overwrite: bool = False, task: Task | None = None) -> tuple[str, list[str]]:
+    """The tab's one-click publish of `<name>-<step>` from the log folder into the embeddings folder,
+    with the card a final save gets (that step's preview, the facts; never over the user's own
+    files), holding the name meanwhile. While a run holds the model, only the files are written;
+    its final reload picks them up. -> (the published path, what the card got)."""
     folder = host_model.embeddings_dir()
     dest = os.path.join(folder, os.path.basename(checkpoint_path))
     stem = os.path.splitext(os.path.basename(dest))[0]
+    owner = f"publish-{uuid.uuid4().hex[:8]}"
+    holder = RESERVED.take(folder, stem, owner)  # a run of that name would write over what we publish
+    if holder is not None:
+        raise NameBusy(f"a run writing '{stem}' is queued or running ({holder}); publish it after that run ends")
+    try:
+        return _publish_checkpoint(checkpoint_path, dest, overwrite, task)
+    finally:
+        RESERVED.release(folder, stem, owner)
+
+
+class NameBusy(Exception):
+    """The name is held by a queued or running run."""
+
+
+def _publish_checkpoint(checkpoint_path: str, dest: str, overwrite: bool, task: Task | None) -> tuple[str, list[str]]:
+    folder, stem = os.path.dirname(dest), os.path.splitext(os.path.basename(dest))[0]
     twins = [p for p in files.files_named(folder, stem) if not files.same_file(p, dest)]
     if twins:
         raise FileExistsError(f"an embedding named '{stem}' already exists as {twins[0]}")
@@ -224,7 +251,13 @@ def publish_checkpoint(checkpoint_path: str, overwrite: bool = False) -> str:
         files.atomic_write([(resume.state_path(dest), lambda out: out.write(blob))], overwrite=True)
     if not any(t.status == "running" for t in REGISTRY.all()):
         host_model.reload_embeddings()
-    return dest
+    try:
+        emb = formats.read_embedding(dest)
+    except (OSError, formats.FormatError) as e:  # published all the same; only the card is missing
+        return dest, [f"card not written: {e}"]
+    step = next((s for s, p in (task.checkpoints if task else []) if files.same_file(p, checkpoint_path)), emb.step)
+    cfg = _configs.get(task.id) if task is not None else None
+    return dest, card.write_card(task, emb, dest, cfg, step=step)
 
 
 def _textinfo(p: Progress) -> str:
@@ -267,8 +300,22 @@ def api_submit(values: dict[str, Any], preview: dict[str, Any] | None = None,
     return task
 
 
+def ui_check(id_task: str, values: dict[str, Any]) -> TrainConfig:
+    """The tab's submit, before it waits for the queue lock: the API's checks (make_config and
+    submit_checks), then the name held for `id_task`, so a second click, or a run of the same name
+    queued by the API or another page, is refused now rather than after the first run ends. The
+    caller frees the name (`unreserve`) when the run never started. ConfigError names every field."""
+    cfg = make_config(values)
+    problems = submit_checks.problems(cfg, host_clip_skip(values))
+    if problems:
+        raise ConfigError(problems)
+    _reserve(cfg, id_task)
+    return cfg
+
+
 def ui_train(id_task: str, values: dict[str, Any], preview: dict[str, Any] | None) -> Task:
-    """The tab's handler body; wrap_gradio_gpu_call already holds the queue lock and began the job."""
+    """The tab's handler body; wrap_gradio_gpu_call already holds the queue lock and began the job.
+    The config is built again: a file may have appeared while the run waited (ui_check held the name)."""
     cfg = make_config(values)
     _reserve(cfg, id_task)
     task = REGISTRY.create(cfg.name, task_id=id_task)

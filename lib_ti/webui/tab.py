@@ -18,6 +18,7 @@ from lib_ti.webui import host, ui_dataset, ui_handlers
 from lib_ti.webui.job import PREVIEW_KEYS
 from lib_ti.webui.ui_form import (
     NEW_EMBEDDING,
+    PREVIEW_LABELS,
     TEMPLATE_FILE_SOURCE,
     TEMPLATE_NAMES,
     component,
@@ -26,7 +27,12 @@ from lib_ti.webui.ui_form import (
 )
 
 _built = {"train_tab": False}
-_JS_KW = "js" if int(gr.__version__.split(".")[0]) >= 4 else "_js"
+_GRADIO4 = int(gr.__version__.split(".")[0]) >= 4
+_JS_KW = "js" if _GRADIO4 else "_js"
+# Forge (gradio 4) queues each event one at a time by default: a second Train click would wait,
+# silent, for the whole first run. Unlimited, it gets its answer at once (the name is held; the
+# host's queue lock still runs one training at a time), as under A1111's gradio 3 queue.
+_TRAIN_KW = {_JS_KW: "ti_trainer_start", **({"concurrency_limit": None} if _GRADIO4 else {})}
 # Our own preview settings when the txt2img tab is not used; the prompt comes from sample_prompts.
 OWN_PREVIEW = {"negative_prompt": "", "steps": 20, "sampler_name": "Euler a", "cfg_scale": 7.0, "seed": -1,
                "width": 512, "height": 512}
@@ -119,6 +125,7 @@ def build_contents(txt2img: list) -> TabUI:
                 _row("dataset_config", ui=ui)
             with gr.Accordion("Latent cache", open=False):
                 _row("cache_latents", "cache_latents_to_disk", "random_crop", "vae_batch_size", ui=ui)
+                _row("color_aug", "face_crop_aug_range", ui=ui)  # kohya's augmentations: need the cache off
             with gr.Accordion("Dataset preview", open=False, elem_id="ti_trainer_group_dataset_preview"):
                 with gr.Row():
                     p["preview_count"] = gr.Number(value=8, precision=0, label="Images to preview",
@@ -159,25 +166,25 @@ def build_contents(txt2img: list) -> TabUI:
 
 def _preview_fields(ui: TabUI) -> None:
     samplers = host.sampler_names()
+
+    def kw(key: str) -> dict[str, Any]:
+        return {"label": PREVIEW_LABELS[f"preview_{key}"], "elem_id": elem_id(f"preview_{key}")}
+
     with gr.Row():
-        ui.preview["negative_prompt"] = gr.Textbox(label="Preview negative prompt",
-                                                   elem_id=elem_id("preview_negative_prompt"))
+        ui.preview["negative_prompt"] = gr.Textbox(**kw("negative_prompt"))
     with gr.Row():
-        ui.preview["steps"] = gr.Number(value=20, precision=0, label="Preview sampling steps",
-                                        elem_id=elem_id("preview_steps"))
+        ui.preview["steps"] = gr.Number(value=20, precision=0, **kw("steps"))
         if samplers:
             ui.preview["sampler_name"] = gr.Dropdown(
                 choices=samplers, value=OWN_PREVIEW["sampler_name"] if OWN_PREVIEW["sampler_name"] in samplers
-                else samplers[0], label="Preview sampler", elem_id=elem_id("preview_sampler_name"))
+                else samplers[0], **kw("sampler_name"))
         else:
-            ui.preview["sampler_name"] = gr.Textbox(value=OWN_PREVIEW["sampler_name"], label="Preview sampler",
-                                                    elem_id=elem_id("preview_sampler_name"))
-        ui.preview["cfg_scale"] = gr.Number(value=7.0, label="Preview CFG scale", elem_id=elem_id("preview_cfg_scale"))
+            ui.preview["sampler_name"] = gr.Textbox(value=OWN_PREVIEW["sampler_name"], **kw("sampler_name"))
+        ui.preview["cfg_scale"] = gr.Number(value=7.0, **kw("cfg_scale"))
     with gr.Row():
-        ui.preview["seed"] = gr.Number(value=-1, precision=0, label="Preview seed", elem_id=elem_id("preview_seed"))
-        ui.preview["width"] = gr.Number(value=512, precision=0, label="Preview width", elem_id=elem_id("preview_width"))
-        ui.preview["height"] = gr.Number(value=512, precision=0, label="Preview height",
-                                         elem_id=elem_id("preview_height"))
+        ui.preview["seed"] = gr.Number(value=-1, precision=0, **kw("seed"))
+        ui.preview["width"] = gr.Number(value=512, precision=0, **kw("width"))
+        ui.preview["height"] = gr.Number(value=512, precision=0, **kw("height"))
 
 
 def _run_section(ui: TabUI) -> None:
@@ -219,22 +226,25 @@ def _wire(ui: TabUI) -> None:
     names, own_keys = ui.names, list(ui.preview)
     n_form, n_own = len(names), len(own_keys)
 
+    locked = wrap_gradio_gpu_call(ui_handlers.train, extra_outputs=[gr.update()])
+
     def start(id_task: str, *args: Any) -> tuple[str, str]:
         form = dict(zip(names, args[:n_form]))
         use_txt2img = bool(args[n_form])
         own = dict(zip(own_keys, args[n_form + 1:n_form + 1 + n_own]))
         t2i = args[n_form + 1 + n_own:]
-        if use_txt2img and len(t2i) == len(PREVIEW_KEYS):
+        from_txt2img = use_txt2img and len(t2i) == len(PREVIEW_KEYS)
+        if from_txt2img:
             preview = dict(zip(PREVIEW_KEYS, t2i))
         else:  # no prompt: the run renders sample_prompts (or 'a photo of <token>')
             preview = {**OWN_PREVIEW, **own, "prompt": ""}
-        return ui_handlers.train(id_task, form, preview)
+        return ui_handlers.start(id_task, form, preview, locked, own_preview=not from_txt2img)  # checks, then queue
 
     inputs = [p["task_id"], *ui.form.values(), p["use_txt2img"], *ui.preview.values(), *ui.txt2img]
     live = [p["status"], p["plot"], p["norms"], p["load_check"], p["gallery"], p["checkpoints"], p["seen"]]
     p["train"].click(
-        fn=wrap_gradio_gpu_call(start, extra_outputs=[gr.update()]),
-        inputs=inputs, outputs=[p["status"], p["error"]], **{_JS_KW: "ti_trainer_start"},
+        fn=start,
+        inputs=inputs, outputs=[p["status"], p["error"]], **_TRAIN_KW,
     ).then(fn=ui_handlers.refresh, inputs=[p["task_id"], p["seen"]], outputs=live)
     p["refresh"].click(fn=ui_handlers.refresh, inputs=[p["task_id"], p["seen"]], outputs=live, queue=False)
     p["interrupt"].click(fn=ui_handlers.interrupt, inputs=[p["task_id"]], outputs=[p["notice"]],

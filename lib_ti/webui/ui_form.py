@@ -43,6 +43,7 @@ LABELS = {
     "caption_tag_dropout_rate": "Tag dropout rate", "enable_wildcard": "Wildcards in captions",
     "token_warmup_min": "Token warmup: first tags", "token_warmup_step": "Token warmup: steps",
     "cache_latents_to_disk": "Cache latents to disk", "vae_batch_size": "VAE batch size",
+    "color_aug": "Colour augmentation", "face_crop_aug_range": "Face crop range (low,high)",
     # training
     "learning_rate": "Learning rate", "max_train_steps": "Max steps", "max_train_epochs": "Max epochs",
     "train_batch_size": "Batch size", "gradient_accumulation_steps": "Gradient accumulation steps",
@@ -61,6 +62,11 @@ LABELS = {
     "validation_seed": "Validation seed", "auto_stop": "Stop when validation loss flattens",
     "auto_stop_window": "Auto-stop window", "auto_stop_threshold": "Auto-stop threshold",
 }
+
+# The tab's own preview settings (not config fields): error keys preview_<key>, as their elem ids.
+PREVIEW_LABELS = {"preview_negative_prompt": "Preview negative prompt", "preview_steps": "Preview sampling steps",
+                  "preview_sampler_name": "Preview sampler", "preview_cfg_scale": "Preview CFG scale",
+                  "preview_seed": "Preview seed", "preview_width": "Preview width", "preview_height": "Preview height"}
 
 # The prompt source is one choice in the form and four fields in the config.
 PROMPT_SOURCES = ("auto", "captions", "object template", "style template", "A1111 template file")

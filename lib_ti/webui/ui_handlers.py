@@ -4,16 +4,22 @@ that returns display values; gradio wiring stays in tab.py, so these are testabl
 from __future__ import annotations
 
 import html
+import logging
 import os
 import threading
+import traceback
+from collections.abc import Callable
 from typing import Any
 
 import gradio as gr
 
 from lib_ti.config import ConfigError
+from lib_ti.preflight import PREVIEW_RANGES, preview_value_problem
 from lib_ti.webui import host_model, job, plot
 from lib_ti.webui.tasks import REGISTRY, Task
-from lib_ti.webui.ui_form import LABELS, NEW_EMBEDDING, list_embeddings, to_config_values
+from lib_ti.webui.ui_form import LABELS, NEW_EMBEDDING, PREVIEW_LABELS, list_embeddings, to_config_values
+
+log = logging.getLogger("lib_ti")
 
 # Ids whose Interrupt came while they were still waiting for the queue lock: no task exists yet.
 _cancelled: set[str] = set()
@@ -25,7 +31,7 @@ _cancel_lock = threading.Lock()
 def errors_html(errors: dict[str, str], title: str = "Please fix these options") -> str:
     """Every bad field with its label; data-field lets the JS mark the inputs themselves."""
     items = "".join(
-        f'<li data-field="{html.escape(k)}"><b>{html.escape(LABELS.get(k, k))}</b> '
+        f'<li data-field="{html.escape(k)}"><b>{html.escape(LABELS.get(k) or PREVIEW_LABELS.get(k, k))}</b> '
         f"<code>{html.escape(k)}</code>: {html.escape(v)}</li>"
         for k, v in errors.items()
     )
@@ -89,13 +95,78 @@ def find_task(task_id: str | None) -> Task | None:
     return task or REGISTRY.latest()
 
 
-def train(id_task: str, form: dict[str, Any], preview: dict[str, Any] | None) -> tuple[Any, str]:
-    """The Train button's body (under the host's queue lock): (status HTML or no change, error HTML)."""
-    keep = gr.update()
+def _was_cancelled(id_task: str) -> bool:
     with _cancel_lock:
         if id_task in _cancelled:
             _cancelled.discard(id_task)
-            return keep, message_html("Interrupted before the run started.", "info")
+            return True
+        return False
+
+
+def _end_progress(id_task: str) -> None:
+    """A submit refused before the queue never reaches wrap_gradio_gpu_call: mark its id finished,
+    so the host's progress bar ends now instead of waiting out its inactivity timeout."""
+    try:
+        from modules import progress
+
+        progress.finish_task(id_task)
+    except Exception:  # (a host without it: the bar ends by its timeout)
+        pass
+
+
+Locked = Callable[[str, dict[str, Any], dict[str, Any] | None], tuple[Any, str]]
+
+
+def start(id_task: str, form: dict[str, Any], preview: dict[str, Any] | None, locked: Locked,
+          own_preview: bool = True) -> tuple[Any, str]:
+    """The Train button: every check the API makes (job.ui_check) at once, before waiting for the
+    queue, so a problem is listed now and nothing is queued; then `locked` (train() behind
+    wrap_gradio_gpu_call) while the name stays held for this id. `own_preview`: the preview
+    settings are the tab's own fields (not the txt2img tab's), checked under their labels."""
+    keep = gr.update()
+    if _was_cancelled(id_task):
+        _end_progress(id_task)
+        return keep, message_html("Interrupted before the run started.", "info")
+    bad_preview = preview_problems(preview) if own_preview else {}
+    try:
+        cfg = job.ui_check(id_task, to_config_values(form, _embeddings_dir()))
+    except ConfigError as e:
+        _end_progress(id_task)
+        return keep, errors_html({**e.errors, **bad_preview})
+    except Exception as e:  # outside the host's wrapper: say it here rather than a bare gradio "Error"
+        log.error("TI trainer: checking the options failed:\n%s", traceback.format_exc())
+        _end_progress(id_task)
+        return keep, message_html(f"Could not check the options: {type(e).__name__}: {e}")
+    try:
+        if bad_preview:
+            _end_progress(id_task)
+            return keep, errors_html(bad_preview)
+        return locked(id_task, form, preview)
+    finally:
+        job.unreserve(cfg, id_task)  # a run that never started (Interrupt while waiting, a refusal)
+
+
+def preview_problems(preview: dict[str, Any] | None) -> dict[str, str]:
+    """The preview settings in the ranges a render accepts (the API's `preview` ranges), keyed as
+    the tab's preview fields; a bad one would otherwise fail the run at its first preview."""
+    errors = {}
+    for key in PREVIEW_RANGES:
+        value = (preview or {}).get(key)
+        if value is None:
+            if preview and key in preview:
+                errors[f"preview_{key}"] = "is empty"
+            continue
+        why = preview_value_problem(key, value)
+        if why:
+            errors[f"preview_{key}"] = why
+    return errors
+
+
+def train(id_task: str, form: dict[str, Any], preview: dict[str, Any] | None) -> tuple[Any, str]:
+    """The Train button's body (under the host's queue lock): (status HTML or no change, error HTML)."""
+    keep = gr.update()
+    if _was_cancelled(id_task):
+        return keep, message_html("Interrupted before the run started.", "info")
     values = to_config_values(form, _embeddings_dir())
     try:
         task = job.ui_train(id_task, values, preview)  # validates first: every bad field, the token too
@@ -144,28 +215,32 @@ def refresh(task_id: str | None, seen: dict[str, Any] | None) -> tuple:
             load_check_html(task), gallery, checkpoints, seen)
 
 
-def checkpoint_path(name: str) -> str | None:
-    """A checkpoint file name from the dropdown -> its path in the newest run that wrote it."""
+def checkpoint_of(name: str) -> tuple[Task, str] | None:
+    """A checkpoint file name from the dropdown -> the newest run that wrote it, and its path."""
     for task in REGISTRY.all():
         for _step, path in reversed(task.checkpoints):
             if os.path.basename(path) == name:
-                return path
+                return task, path
     return None
 
 
 def publish(name: str | None, overwrite: bool) -> str:
     if not name:
         return message_html("Pick a checkpoint first.")
-    checkpoint = checkpoint_path(name)
-    if checkpoint is None:
+    found = checkpoint_of(name)
+    if found is None:
         return message_html(f"{name} is not a checkpoint of a recent run.")
+    task, checkpoint = found
     try:
-        dest = job.publish_checkpoint(checkpoint, overwrite=bool(overwrite))
+        dest, card_notes = job.publish_checkpoint(checkpoint, overwrite=bool(overwrite), task=task)
+    except job.NameBusy as e:
+        return message_html(str(e))
     except FileExistsError as e:
         return message_html(f"{e}; tick 'Replace a published file' to replace it.")
     except OSError as e:
         return message_html(f"Could not publish: {e}")
-    return message_html(f"Published as {dest}", "ok")
+    notes = "".join(f"<li>{html.escape(n)}</li>" for n in card_notes)
+    return message_html(f"Published as {dest}", "ok") + (f"<ul>{notes}</ul>" if notes else "")
 
 
 def embedding_choices() -> list[str]:

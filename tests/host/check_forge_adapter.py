@@ -9,7 +9,9 @@ optimizer steps with a Forge txt2img preview in between (the preview turns weigh
 inference tensors); afterwards every parameter object, flag and value, every engine database,
 the attention function and the infotext state are as before, and a txt2img without the token is
 bit-identical. Runs with Forge's default CPU attention (not --attention-pytorch), so the swap for
-the run is exercised too.
+the run is exercised too. Memory: during the run the process holds no more than a fraction of the
+model's weight bytes beyond what it held before (all tensor storages alive, via gc), and every
+original weight has handed its storage over (nothing outside the model holds one).
 """
 
 from __future__ import annotations
@@ -75,6 +77,26 @@ def state(m) -> dict:
     }
 
 
+def storage_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind `tensors` (views and aliases counted once)."""
+    sizes: dict = {}
+    for t in tensors:
+        s = t.untyped_storage()
+        key = (str(s.device), s.data_ptr())
+        sizes[key] = max(sizes.get(key, 0), s.nbytes())
+    return sum(sizes.values())
+
+
+def live_bytes() -> int:
+    import gc
+
+    import torch
+
+    gc.collect()
+    return storage_bytes(o for o in gc.get_objects()
+                         if isinstance(o, torch.Tensor) and o.layout == torch.strided and o.device.type != "meta")
+
+
 def txt2img(prompt: str) -> tuple[bytes, str]:
     from modules import processing, shared
 
@@ -88,13 +110,38 @@ def txt2img(prompt: str) -> tuple[bytes, str]:
     return out.images[0].tobytes(), out.infotexts[0]
 
 
+def refused(words: str, result_file: str | None) -> None:
+    """borrow() refuses the loaded model with a message naming `words`, and nothing is changed."""
+    from modules import shared
+
+    from lib_ti.webui import host_model
+
+    try:
+        host_model.borrow()
+    except host_model.HostError as e:
+        message = str(e)
+    else:
+        raise AssertionError("training was not refused")
+    result = {"refused": message, "kind": type(shared.sd_model).__name__,
+              "is_inpaint": bool(getattr(shared.sd_model, "is_inpaint", False))}
+    assert words in message, result
+    print("RESULT " + json.dumps(result), flush=True)
+    if result_file:
+        with open(result_file, "w", encoding="utf-8") as f:
+            json.dump(result, f)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--ckpt", required=True)
     ap.add_argument("--data-dir", required=True)
     ap.add_argument("--result", help="also write the result JSON here (Forge may take over stdout)")
+    ap.add_argument("--prediction", help="the prediction type the adapter must find (epsilon, v_prediction)")
+    ap.add_argument("--refusal", help="only check that training is refused with a message containing this")
     a = ap.parse_args()
     boot(os.path.abspath(a.ckpt), os.path.abspath(a.data_dir))
+    if a.refusal:
+        return refused(a.refusal, a.result)
 
     import torch
     from backend.nn import unet
@@ -110,10 +157,11 @@ def main() -> None:
     before = state(m)
     assert any(f[3] for f in before["flags"]), "Forge's weights are expected to be inference tensors"
     model = host_model.borrow()
-    want = {"sd1": {"emb": 768}, "sdxl": {"clip_l": 768, "clip_g": 1280}}
+    want = {"sd1": {"emb": 768}, "sd2": {"emb": 1024}, "sdxl": {"clip_l": 768, "clip_g": 1280}}
     assert isinstance(model, forge_model.ForgeModel) and model.family in want, model
     assert model.slots() == want[model.family], model.slots()
-    result["family"] = model.family
+    result["family"], result["prediction_type"] = model.family, model.prediction_type
+    assert a.prediction in (None, model.prediction_type), result
 
     g = torch.Generator().manual_seed(0)
     x0, noise = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 4, 8, 8, generator=g)
@@ -169,16 +217,28 @@ def main() -> None:
 
     v = start.clone().requires_grad_(True)
     opt = torch.optim.AdamW([v], lr=0.05)
+    fo = m.forge_objects
+    size = storage_bytes(t for r in (fo.unet.model, fo.clip.cond_stage_model) for t in [*r.parameters(), *r.buffers()])
+    base, extra = live_bytes(), []
     with model.training(gradient_checkpointing=True):
         for i in range(3):
             loss(v).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
             if i == 0:  # a preview with the live vectors, through Forge's own txt2img
+                extra.append(live_bytes() - base)
+                originals = model._trainable.originals.values()
+                result["weights_handed_over"] = [sum(r.released for r in originals), len(originals)]
                 _, info = txt2img(f"a photo of {TOKEN}")
                 # SDXL: both engines name it and Forge quotes the list: TI: "fgcheck, fgcheck"
                 assert re.search(rf'TI: "?{TOKEN}\b', info), info
                 result["preview_infotext_ti"] = True
+                extra.append(live_bytes() - base)
+    result["memory"] = {"model_mib": size / 2**20, "extra_during_run_mib": [x / 2**20 for x in extra],
+                        "extra_after_run_mib": (live_bytes() - base) / 2**20}
+    handed, total = result["weights_handed_over"]
+    assert total > 0 and handed == total, result
+    assert max(extra) < 0.25 * size, result  # the old copies: +1.0
     assert not torch.equal(v.detach(), start)
     after = state(m)
     for key in before:

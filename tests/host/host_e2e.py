@@ -227,6 +227,12 @@ def tab_train(host: host_server.Host, name: str, data: Path, steps: int, screens
                 page.fill(f"#ti_trainer_{field} textarea, #ti_trainer_{field} input", str(value))
 
             fill("token_string", name)
+            fill("train_data_dir", data)
+            # the API's submit checks run in the tab: named before the queue, the host's bar ends at once
+            fill("init_word", "a castle on a hill")
+            page.click("#ti_trainer_train")
+            page.wait_for_selector("#ti_trainer_error li[data-field='init_word']", timeout=60_000)
+            page.wait_for_selector("#tab_train .progressDiv", state="detached", timeout=20_000)
             fill("init_word", "ball")
             fill("num_vectors_per_token", 2)
             fill("train_data_dir", data)

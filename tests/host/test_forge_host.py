@@ -4,7 +4,9 @@ TI_TRAINER_FORGE_DIR points at a Forge root whose python (TI_TRAINER_FORGE_PYTHO
 FORGE/venv or FORGE/../venv) has Forge's requirements. Nothing here installs Forge.
 
   1. check_forge_adapter.py in-process: gradients vs an out-of-place reference and a finite
-     difference, every weight object / flag / value and db back afterwards, txt2img bit-identical.
+     difference, every weight object / flag / value and db back afterwards, txt2img bit-identical,
+     the weights held once during the run; the same on an SD2 v-prediction checkpoint (~1 GB,
+     built unless TI_TRAINER_FORGE_SD2_CKPT names one); an inpainting (9-channel) one is refused.
   2. Over HTTP, the extension installed in Forge's extensions folder: POST /ti-trainer/v1/train ends
      done, /sdapi/v1/embeddings lists it, the next txt2img with the token names it (`TI: name`) and
      changes, a prompt without it is bit-identical.
@@ -95,15 +97,19 @@ class ForgeHost(host_server.Host):
         raise TimeoutError(f"Forge did not come up in {timeout:.0f} s:\n{self.log()[-6000:]}")
 
 
-@pytest.fixture(scope="session")
-def tiny_ckpt(tmp_path_factory) -> Path:
-    given = os.environ.get("TI_TRAINER_FORGE_CKPT")
+def make_ckpt(tmp_path_factory, env_var: str, name: str, *args: str) -> Path:
+    given = os.environ.get(env_var)
     if given:
         return Path(given)
-    out = tmp_path_factory.mktemp("forge-ckpt") / "tiny-forge-sd15.safetensors"
+    out = tmp_path_factory.mktemp("forge-ckpt") / name
     subprocess.run([forge_python(), str(HERE / "make_tiny_forge_checkpoint.py"), "--forge-dir", FORGE, "--out",
-                    str(out)], cwd=FORGE, check=True, env={**os.environ, **host_server.OFFLINE_ENV})
+                    str(out), *args], cwd=FORGE, check=True, env={**os.environ, **host_server.OFFLINE_ENV})
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory) -> Path:
+    return make_ckpt(tmp_path_factory, "TI_TRAINER_FORGE_CKPT", "tiny-forge-sd15.safetensors")
 
 
 @pytest.fixture(scope="module")
@@ -145,16 +151,37 @@ def wait_task(host: ForgeHost, task_id: str, timeout: float = 300) -> dict:
     raise AssertionError(f"task {task_id} did not finish in {timeout} s: {info}\n{host.log()[-4000:]}")
 
 
-def test_adapter_inside_forge(tiny_ckpt, tmp_path):
+def check_adapter(ckpt: Path, tmp_path: Path, *args: str) -> dict:
     env = {**os.environ, **host_server.OFFLINE_ENV}
     out = tmp_path / "result.json"
-    run = subprocess.run([forge_python(), str(HERE / "check_forge_adapter.py"), "--ckpt", str(tiny_ckpt),
-                          "--data-dir", str(tmp_path / "data"), "--result", str(out)], cwd=FORGE, env=env,
+    run = subprocess.run([forge_python(), str(HERE / "check_forge_adapter.py"), "--ckpt", str(ckpt),
+                          "--data-dir", str(tmp_path / "data"), "--result", str(out), *args], cwd=FORGE, env=env,
                          capture_output=True, text=True, timeout=900)
     assert run.returncode == 0 and out.is_file(), (run.stdout[-4000:], run.stderr[-6000:])
     result = json.loads(out.read_text())
     print(f"\nforge adapter: {json.dumps(result)}")
+    return result
+
+
+def test_adapter_inside_forge(tiny_ckpt, tmp_path):
+    result = check_adapter(tiny_ckpt, tmp_path, "--prediction", "epsilon")
     assert result["plain_bit_identical"] and result["preview_infotext_ti"]
+    assert result["family"] == "sd1" and max(result["memory"]["extra_during_run_mib"]) < 20, result
+
+
+def test_adapter_inside_forge_sd2_v(tmp_path_factory, tmp_path):
+    """An SD2 v-prediction checkpoint (~1 GB, with the .yaml Forge needs to read v, see
+    make_tiny_forge_checkpoint.build_sd2): the same checks, in v mode."""
+    ckpt = make_ckpt(tmp_path_factory, "TI_TRAINER_FORGE_SD2_CKPT", "tiny-forge-sd2.safetensors", "--family", "sd2")
+    result = check_adapter(ckpt, tmp_path, "--prediction", "v_prediction")
+    assert result["family"] == "sd2" and result["plain_bit_identical"] and result["preview_infotext_ti"], result
+
+
+def test_inpainting_model_is_refused_inside_forge(tmp_path_factory, tmp_path):
+    ckpt = make_ckpt(tmp_path_factory, "TI_TRAINER_FORGE_INPAINT_CKPT", "tiny-forge-sd15-inpaint.safetensors",
+                     "--inpaint")
+    result = check_adapter(ckpt, tmp_path, "--refusal", "inpainting model")
+    assert result["is_inpaint"], result
 
 
 def test_api_train_then_forge_uses_it(forge, tmp_path):
@@ -218,6 +245,14 @@ def test_tab_trains_in_forge(forge, tmp_path):
             for field, value in {"preview_width": 64, "preview_height": 64, "preview_steps": 2}.items():
                 fill(field, value)
             page.click("#ti_trainer_train")
+            # a second click while the first run holds the name is answered at once (gradio 4 would
+            # otherwise queue it silently behind the whole first run)
+            page.wait_for_function("() => !!document.querySelector('#ti_trainer_status [data-status]')",
+                                   timeout=60_000)
+            page.click("#ti_trainer_train")
+            page.wait_for_function(
+                "() => (document.querySelector('#ti_trainer_error') || {}).textContent?.includes('already queued')",
+                timeout=30_000)
             status, deadline = (None, 0), time.time() + 300
             while time.time() < deadline:
                 status = page.evaluate("""() => { const s = document.querySelector('#ti_trainer_status [data-status]');
