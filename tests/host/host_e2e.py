@@ -249,16 +249,18 @@ def tab_train(host: host_server.Host, name: str, data: Path, steps: int, screens
             t0 = time.time()
             page.click("#ti_trainer_train")
 
+            # the status of *this* run (it names the token): the tab may still show an earlier task's
             status, deadline = (None, 0), time.time() + 180
             while time.time() < deadline:
-                status = page.evaluate("""() => { const s = document.querySelector('#ti_trainer_status [data-status]');
-                    return s ? [s.getAttribute('data-status'), +s.getAttribute('data-step')] : [null, 0]; }""")
+                status = page.evaluate("""(name) => { const s = document.querySelector('#ti_trainer_status [data-status]');
+                    return s && s.textContent.includes(name) ? [s.getAttribute('data-status'), +s.getAttribute('data-step')]
+                                                             : [null, 0]; }""", name)
                 if status[0] in ("done", "failed", "interrupted"):
                     break
                 time.sleep(0.5)
             page.wait_for_function(
-                "() => (document.querySelector('#ti_trainer_load_check') || {}).textContent?.includes('Host load check')",
-                timeout=30_000)
+                """(name) => { const t = (document.querySelector('#ti_trainer_load_check') || {}).textContent || '';
+                    return t.includes('Host load check') && t.includes(name); }""", arg=name, timeout=30_000)
             timings[f"tab train {steps} steps"] = time.time() - t0
             # the host's progress bar (javascript/progressbar.js) goes once /internal/progress says
             # the task completed; then our atEnd clears the "Waiting..." line
