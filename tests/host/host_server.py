@@ -2,11 +2,12 @@
 
 Nothing here installs or builds the host: it starts an install that already exists
 (TI_TRAINER_HOST_DIR, TI_TRAINER_REFORGE_DIR) with that install's python, on a tiny checkpoint,
-offline, on the CPU, bound to 127.0.0.1 on a free port, the way tests/host/README.md describes. The host runs with
-`--data-dir` in a temporary folder, and the extension is linked into that folder's `extensions/`
-(the host reads extensions from `<data-dir>/extensions`): settings, params.txt, cache, embeddings,
-models/ and the trainer's textual_inversion/ logs all land there, and nothing is written into the
-install. Plain stdlib: urllib for HTTP, so the test needs no extra package.
+offline, on the CPU, bound to 127.0.0.1 on a free port, the way tests/host/README.md describes.
+The host runs with `--data-dir` in a temporary folder, and the extension is linked into that
+folder's `extensions/` (the host reads extensions from `<data-dir>/extensions`): settings,
+params.txt, cache, embeddings, models/ and the trainer's textual_inversion/ logs all land there,
+and nothing is written into the install. Plain stdlib: urllib for HTTP, so the test needs no extra
+package.
 """
 
 from __future__ import annotations
