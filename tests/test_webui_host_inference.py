@@ -1,7 +1,8 @@
 """reForge moves and casts the model inside torch.inference_mode (a GPU load at the first txt2img,
 a CLIP move in every encode), so its weights may be inference tensors when a run starts, or again
 after a preview: parameters whose data was swapped, and buffers replaced by tensors made under
-inference_mode. The A1111 adapter (lib_ti/webui/host_model.py) makes them ordinary for the run.
+inference_mode. The A1111 adapter (lib_ti/webui/host_model.py) gives the run ordinary tensors on
+their storage and puts the originals back exactly (lib_ti/webui/inference_weights.py).
 Checked in the stand-in host with the move done the way torch does it (Module._apply under
 inference_mode); in a real reForge: tests/host/check_adapter.py --inference-weights."""
 
@@ -47,7 +48,8 @@ def test_a_run_after_a_move_under_inference_mode_trains_with_the_same_gradients(
     moved_under_inference_mode(m)
     assert inference_tensors(m)  # both kinds: swapped parameter data and replaced buffers
     assert any(b.is_inference() for b in m.buffers())
-    params = {n: p for n, p in m.named_parameters()}
+    as_moved = inference_tensors(m)
+    objects = {n: t for n, t in [*m.named_parameters(), *m.named_buffers()]}
     vectors = start_vectors(model)
     with model.training(gradient_checkpointing=True):
         step(model, vectors, seed=1)
@@ -59,8 +61,10 @@ def test_a_run_after_a_move_under_inference_mode_trains_with_the_same_gradients(
             v.grad = None
         step(model, vectors, seed=2)
         assert all(v.grad is not None and v.grad.abs().sum() > 0 for v in vectors.values())
-    assert not inference_tensors(m)
-    assert all(p is params[n] for n, p in m.named_parameters())  # the parameter objects stay
+    # put back exactly as reForge had them: the same parameter and buffer objects, still inference
+    # tensors (what its next generation expects), the same values
+    assert inference_tensors(m) == as_moved
+    assert all(t is objects[n] for n, t in [*m.named_parameters(), *m.named_buffers()])
     after = m.state_dict()
     assert after.keys() == values.keys() and all(torch.equal(after[k], v) for k, v in values.items())
     assert model.tokenize(TOKEN)  # and the model still reads as before

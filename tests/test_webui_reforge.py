@@ -4,7 +4,7 @@ A1111 adapter through reForge's own text wrappers, only the vectors get gradient
 checkpointing really recomputes reForge's ldm_patched UNet blocks (and gives the same gradients),
 a run right after a txt2img done under torch.inference_mode works, everything is back afterwards
 and txt2img is bit-identical, a preview needs no script runner, the tab's job trains and
-hot-reloads; weights left as inference tensors (reForge on a GPU) train with ordinary copies.
+hot-reloads; weights left as inference tensors (reForge on a GPU) train, and are put back as they were.
 The same in a real reForge: tests/host/check_adapter.py, tests/host/test_reforge_host.py."""
 
 from __future__ import annotations
@@ -281,14 +281,15 @@ def test_a_job_with_previews_trains_saves_and_the_next_prompt_uses_it(reforge, t
     assert (used[0] - unknown[0]).abs().max() > 1e-2
 
 
-def test_weights_made_inference_tensors_by_a_gpu_load_train_with_ordinary_copies(reforge):
+def test_weights_made_inference_tensors_by_a_gpu_load_train_and_are_put_back_as_they_were(reforge):
     """On a GPU, reForge loads the UNet to the CPU unless the GPU has more free memory than the CPU
     (model_management.unet_inital_load_device), and the first txt2img moves it onto the GPU inside
     torch.inference_mode (load_models_gpu), which turns its weights into inference tensors that
     autograd cannot save for backward. On the CPU (the stand-in, and the real reForge run with
     --always-cpu) that move changes nothing; here it is made by hand as `.to(device)` does it (a new
-    tensor per weight, set as param.data). The adapter gives those weights ordinary copies of their
-    values (the same parameter objects) and trains with the gradients the ordinary weights gave."""
+    tensor per weight, set as param.data). The adapter gives those weights ordinary tensors on their
+    storage for the run (no copy) and trains with the gradients the ordinary weights gave; afterwards
+    the weights are reForge's own objects again, inference tensors as it left them."""
     reforge("sd1")
     from modules import shared
 
@@ -306,14 +307,15 @@ def test_weights_made_inference_tensors_by_a_gpu_load_train_with_ordinary_copies
     state, objects = weights(m), [id(p) for p in m.parameters()]
     with torch.inference_mode():
         m.forge_objects.unet.model._apply(lambda t: t.clone())
-    assert any(p.is_inference() for p in m.parameters())
+    moved = [n for n, t in [*m.named_parameters(), *m.named_buffers()] if t.is_inference()]
+    assert moved
     model = host_model.borrow()
     vectors = start_vectors(model)
     with model.training(gradient_checkpointing=True):
         loss_of(model, vectors, latents).backward()
         assert not any(p.grad is not None for p in m.parameters())
     assert all(torch.allclose(v.grad, reference[k], rtol=1e-5, atol=1e-7) for k, v in vectors.items())
-    assert not any(t.is_inference() for t in [*m.parameters(), *m.buffers()])
+    assert [n for n, t in [*m.named_parameters(), *m.named_buffers()] if t.is_inference()] == moved
     assert [id(p) for p in m.parameters()] == objects
     assert all(torch.equal(v, state[k]) for k, v in weights(m).items())
     assert txt2img(m, "a photo of a cat") == plain

@@ -31,6 +31,7 @@ import torch
 
 from lib_ti.model import SDXL_SLOTS, SINGLE_SLOT, SizeCond, vector_shape
 from lib_ti.webui import host_patches as patches
+from lib_ti.webui import inference_weights
 
 # The thin functions over the host live in host_embeddings; they are part of this module's API.
 from lib_ti.webui.host_embeddings import (  # noqa: F401
@@ -108,6 +109,7 @@ class HostModel:
         self._cache_key: str | None = None
         self._reg: patches.Registration | None = None
         self._in_training = False
+        self._trainable: inference_weights.Trainable | None = None
         self._medvram: patches.Placement | None = None
         self._concat: dict[tuple, torch.Tensor] = {}
 
@@ -198,8 +200,8 @@ class HostModel:
         self._vae_off_device()
         clear_cond_caches()  # cached conditioning holding our vectors is stale after every step
         n, width = vector_shape(vectors, self.slots(), self.family)
-        if self._in_training:  # reForge: a preview may have moved weights under inference_mode
-            patches.ordinary_weights(self.m)
+        if self._trainable is not None and self._trainable.ensure():  # reForge: a preview moved
+            self.m.requires_grad_(False)  # weights under inference_mode; ordinary aliases again
         vec = self._vec(vectors)
         with self._registered(token, vec, n, width), self._clip_skip(), devices.autocast():
             return self._encode(list(texts), sizes)
@@ -213,7 +215,9 @@ class HostModel:
         _refuse_unsupported(self.m)
         with contextlib.ExitStack() as stack:  # undone in reverse order, also after an exception
             stack.callback(clear_cond_caches)
-            patches.ordinary_weights(self.m)  # reForge on a GPU: weights moved under inference_mode
+            # reForge on a GPU: weights moved under inference_mode (held once, put back exactly)
+            self._trainable = stack.enter_context(inference_weights.trainable([self.m]))
+            stack.callback(setattr, self, "_trainable", None)
             stack.enter_context(patches.frozen(self.m))
             stack.enter_context(self._train_flags())
             if getattr(self.m, "lowvram", False):

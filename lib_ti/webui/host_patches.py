@@ -1,12 +1,13 @@
 """What a training run changes on the host's loaded model, each change undone exactly on exit:
 frozen weights, the training embedding in the db, SDXL embedder flags, a setting, gradient
 checkpointing of the UNet blocks, and --medvram placement; plus where the token-embedding layers
-sit, and ordinary copies of weights reForge left as inference tensors (the one change kept, same
-values). Used by host_model.py; imported only inside the host."""
+sit. (reForge's inference-tensor weights: inference_weights.py.) Used by host_model.py; imported
+only inside the host."""
 
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -62,15 +63,18 @@ def option_override(key: str, value: Any) -> Iterator[None]:
 
 @contextlib.contextmanager
 def frozen(model: torch.nn.Module) -> Iterator[None]:
-    """Every weight requires_grad False (A1111 leaves the UNet trainable, pitfall 10: backward
-    would fill and keep UNet gradients); each flag put back as it was."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
+    """Every weight requires_grad False, each flag put back as it was. Weak references: a strong
+    one would keep the storage of a tensor a host replaces or moves during the run alive (the
+    run's aliases are frozen from the start and dropped at restore anyway)."""
+    flags = [(weakref.ref(p), p.requires_grad) for p in model.parameters()]
     try:
         model.requires_grad_(False)
         yield
     finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
+        for ref, flag in flags:
+            p = ref()
+            if p is not None:
+                p.requires_grad_(flag)
 
 
 @contextlib.contextmanager
@@ -90,38 +94,6 @@ def trainable_text_embedders(embedders: list[Any], text_embedders: list[Any]) ->
         for e, trainable, ucg in saved:
             set_or_del(e, "is_trainable", trainable)
             set_or_del(e, "ucg_rate", ucg)
-
-
-def ordinary_weights(model: torch.nn.Module) -> int:
-    """reForge moves and casts weights inside torch.inference_mode (its generation loop and model
-    management: a GPU load at the first txt2img, a CLIP move in every encode), which makes them
-    inference tensors that autograd cannot use. Each such parameter or buffer gets an ordinary copy
-    (same values, device and dtype): a parameter whose data was swapped keeps its object (nothing
-    that holds it goes stale); a tensor object made under inference_mode (a moved buffer) cannot be
-    repaired in place ("do not track version counter") and is replaced in its module. Left so
-    afterwards: reForge computes with ordinary tensors as A1111 does. A1111 and reForge on a CPU
-    never have any. Returns how many."""
-    n = 0
-    for mod in model.modules():
-        for store in (mod._parameters, mod._buffers):
-            for name, t in list(store.items()):
-                if t is None or not t.is_inference():
-                    continue
-                fresh = t.detach().clone()  # outside inference_mode: an ordinary tensor
-                with contextlib.suppress(RuntimeError):
-                    t.data = fresh
-                if t.is_inference() or not _tracks_version(t):
-                    param = isinstance(t, torch.nn.Parameter)
-                    store[name] = torch.nn.Parameter(fresh, requires_grad=t.requires_grad) if param else fresh
-                n += 1
-    return n
-
-
-def _tracks_version(t: torch.Tensor) -> bool:
-    try:
-        return t._version >= 0
-    except RuntimeError:  # made under inference_mode
-        return False
 
 
 class Registration:
