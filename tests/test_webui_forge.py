@@ -151,14 +151,14 @@ def test_the_stand_in_has_forges_autograd_traps(forge):
     forge("sd1")
     from modules import shared
 
-    from lib_ti.webui import forge_patches
+    from lib_ti.webui import forge_patches, inference_weights
 
     m = shared.sd_model
     dm = m.forge_objects.unet.model.diffusion_model
     ctx = torch.randn(1, 77, 32, requires_grad=True)
     with pytest.raises(RuntimeError, match="[Ii]nference tensor"):
         dm(torch.randn(1, 4, 8, 8), torch.tensor([10.0]), context=ctx).sum().backward()
-    with forge_patches.trainable([m.forge_objects.unet.model]), forge_patches.pytorch_attention(), \
+    with inference_weights.trainable([m.forge_objects.unet.model]), forge_patches.pytorch_attention(), \
             pytest.raises(RuntimeError, match="inplace"):
         dm(torch.randn(1, 4, 8, 8), torch.tensor([10.0]), context=ctx).sum().backward()
 

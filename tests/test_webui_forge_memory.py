@@ -1,4 +1,4 @@
-"""The Forge adapter holds the model's weights once during a run (lib_ti/webui/forge_patches.py
+"""The Forge adapter holds the model's weights once during a run (lib_ti/webui/inference_weights.py
 `Trainable`): the ordinary tensors the run uses share the storage of Forge's inference-tensor
 weights instead of copying them, and at the end the original Parameter / buffer objects take the
 storage back. Measured as the bytes of all distinct tensor storages alive in the process (gc),
@@ -24,7 +24,7 @@ from test_webui_forge import (  # noqa: F401
     txt2img,
 )
 
-from lib_ti.webui import forge_patches
+from lib_ti.webui import inference_weights
 
 
 def roots(m) -> list[torch.nn.Module]:
@@ -101,7 +101,7 @@ def test_no_weight_is_copied_on_the_way_in_or_out(forge):  # noqa: F811 (the fix
     params = {id(p): weakref.ref(p) for r in roots(m) for p in r.parameters()}  # a reference would keep them
     ptrs = {k: p().data_ptr() for k, p in params.items()}
     token = m.text_processing_engine.text_encoder.transformer.text_model.embeddings.token_embedding
-    with forge_patches.trainable(roots(m)) as trainable:
+    with inference_weights.trainable(roots(m)) as trainable:
         run = {id(p): p for r in roots(m) for p in r.parameters()}
         assert not set(run) & set(params) and len(run) == len(params)
         assert sorted(p.data_ptr() for p in run.values()) == sorted(ptrs.values())

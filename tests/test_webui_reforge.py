@@ -4,8 +4,8 @@ A1111 adapter through reForge's own text wrappers, only the vectors get gradient
 checkpointing really recomputes reForge's ldm_patched UNet blocks (and gives the same gradients),
 a run right after a txt2img done under torch.inference_mode works, everything is back afterwards
 and txt2img is bit-identical, a preview needs no script runner, the tab's job trains and
-hot-reloads; weights left as inference tensors (reForge on a GPU) are refused before anything
-changes. The same in a real reForge: tests/host/check_adapter.py."""
+hot-reloads; weights left as inference tensors (reForge on a GPU) train, and are put back as they were.
+The same in a real reForge: tests/host/check_adapter.py, tests/host/test_reforge_host.py."""
 
 from __future__ import annotations
 
@@ -281,24 +281,41 @@ def test_a_job_with_previews_trains_saves_and_the_next_prompt_uses_it(reforge, t
     assert (used[0] - unknown[0]).abs().max() > 1e-2
 
 
-def test_weights_made_inference_tensors_by_a_gpu_load_are_refused_with_a_reason(reforge):
+def test_weights_made_inference_tensors_by_a_gpu_load_train_and_are_put_back_as_they_were(reforge):
     """On a GPU, reForge loads the UNet to the CPU unless the GPU has more free memory than the CPU
     (model_management.unet_inital_load_device), and the first txt2img moves it onto the GPU inside
     torch.inference_mode (load_models_gpu), which turns its weights into inference tensors that
     autograd cannot save for backward. On the CPU (the stand-in, and the real reForge run with
     --always-cpu) that move changes nothing; here it is made by hand as `.to(device)` does it (a new
-    tensor per weight, set as param.data). The adapter then refuses before changing anything."""
+    tensor per weight, set as param.data). The adapter gives those weights ordinary tensors on their
+    storage for the run (no copy) and trains with the gradients the ordinary weights gave; afterwards
+    the weights are reForge's own objects again, inference tensors as it left them."""
     reforge("sd1")
-    from modules import sd_hijack, shared
+    from modules import shared
 
     from lib_ti.webui import host_model
 
-    m, db = shared.sd_model, sd_hijack.model_hijack.embedding_db
-    txt2img(m, "a photo of a cat")
+    m = shared.sd_model
+    plain = txt2img(m, "a photo of a cat")
     assert not any(p.is_inference() for p in m.parameters())  # on the CPU the weights stay ordinary
+    model = host_model.borrow()
+    latents = model.encode_images(torch.rand(2, 3, 64, 64) * 2 - 1)
+    vectors = start_vectors(model)
+    with model.training(gradient_checkpointing=True):
+        loss_of(model, vectors, latents).backward()
+    reference = {k: v.grad.clone() for k, v in vectors.items()}
+    state, objects = weights(m), [id(p) for p in m.parameters()]
     with torch.inference_mode():
         m.forge_objects.unet.model._apply(lambda t: t.clone())
-    before = snapshot(m, db)
-    with pytest.raises(host_model.HostError, match="inference tensors"):
-        host_model.borrow()
-    assert snapshot(m, db) == before
+    moved = [n for n, t in [*m.named_parameters(), *m.named_buffers()] if t.is_inference()]
+    assert moved
+    model = host_model.borrow()
+    vectors = start_vectors(model)
+    with model.training(gradient_checkpointing=True):
+        loss_of(model, vectors, latents).backward()
+        assert not any(p.grad is not None for p in m.parameters())
+    assert all(torch.allclose(v.grad, reference[k], rtol=1e-5, atol=1e-7) for k, v in vectors.items())
+    assert [n for n, t in [*m.named_parameters(), *m.named_buffers()] if t.is_inference()] == moved
+    assert [id(p) for p in m.parameters()] == objects
+    assert all(torch.equal(v, state[k]) for k, v in weights(m).items())
+    assert txt2img(m, "a photo of a cat") == plain

@@ -29,6 +29,7 @@ import torch
 from lib_ti.model import SDXL_SLOTS, SINGLE_SLOT, SizeCond, vector_shape
 from lib_ti.webui import forge_embeddings as fe
 from lib_ti.webui import forge_patches as patches
+from lib_ti.webui import inference_weights
 from lib_ti.webui.host_embeddings import HostError
 from lib_ti.webui.host_model import family_of  # the same flags on both hosts
 
@@ -91,7 +92,7 @@ class ForgeModel:
         self._cache_key: str | None = None
         self._regs: list[patches.Registration] = []
         self._reg_key: tuple | None = None
-        self._trainable: patches.Trainable | None = None
+        self._trainable: inference_weights.Trainable | None = None
         self._in_training = False
 
     # -- protocol ------------------------------------------------------------------------------------
@@ -168,7 +169,7 @@ class ForgeModel:
         roots = [self.kmodel, self.fo.clip.cond_stage_model]
         with contextlib.ExitStack() as stack:  # undone in reverse order, also after an exception
             stack.callback(fe.clear_cond_caches)
-            self._trainable = stack.enter_context(patches.trainable(roots))
+            self._trainable = stack.enter_context(inference_weights.trainable(roots))
             stack.callback(setattr, self, "_trainable", None)
             for root in roots:
                 stack.enter_context(patches.frozen(root))

@@ -31,6 +31,7 @@ import torch
 
 from lib_ti.model import SDXL_SLOTS, SINGLE_SLOT, SizeCond, vector_shape
 from lib_ti.webui import host_patches as patches
+from lib_ti.webui import inference_weights
 
 # The thin functions over the host live in host_embeddings; they are part of this module's API.
 from lib_ti.webui.host_embeddings import (  # noqa: F401
@@ -85,10 +86,6 @@ def _refuse_unsupported(m: Any) -> None:
     if getattr(sd_unet, "current_unet", None) is not None:
         raise HostError(f"a replacement UNet is active ({sd_unet.current_unet}); set 'SD Unet' to Automatic/None "
                         "for training, gradients cannot pass through it")
-    first = next(m.model.diffusion_model.parameters(), None)
-    if first is not None and first.is_inference():
-        raise HostError("the model's weights are inference tensors (loaded under torch.inference_mode); "
-                        "gradients cannot pass through them on this WebUI")
 
 
 # -- the adapter ----------------------------------------------------------------------------------
@@ -112,6 +109,7 @@ class HostModel:
         self._cache_key: str | None = None
         self._reg: patches.Registration | None = None
         self._in_training = False
+        self._trainable: inference_weights.Trainable | None = None
         self._medvram: patches.Placement | None = None
         self._concat: dict[tuple, torch.Tensor] = {}
 
@@ -202,6 +200,8 @@ class HostModel:
         self._vae_off_device()
         clear_cond_caches()  # cached conditioning holding our vectors is stale after every step
         n, width = vector_shape(vectors, self.slots(), self.family)
+        if self._trainable is not None and self._trainable.ensure():  # reForge: a preview moved
+            self.m.requires_grad_(False)  # weights under inference_mode; ordinary aliases again
         vec = self._vec(vectors)
         with self._registered(token, vec, n, width), self._clip_skip(), devices.autocast():
             return self._encode(list(texts), sizes)
@@ -215,6 +215,9 @@ class HostModel:
         _refuse_unsupported(self.m)
         with contextlib.ExitStack() as stack:  # undone in reverse order, also after an exception
             stack.callback(clear_cond_caches)
+            # reForge on a GPU: weights moved under inference_mode (held once, put back exactly)
+            self._trainable = stack.enter_context(inference_weights.trainable([self.m]))
+            stack.callback(setattr, self, "_trainable", None)
             stack.enter_context(patches.frozen(self.m))
             stack.enter_context(self._train_flags())
             if getattr(self.m, "lowvram", False):

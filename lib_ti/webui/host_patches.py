@@ -1,11 +1,13 @@
 """What a training run changes on the host's loaded model, each change undone exactly on exit:
 frozen weights, the training embedding in the db, SDXL embedder flags, a setting, gradient
 checkpointing of the UNet blocks, and --medvram placement; plus where the token-embedding layers
-sit. Used by host_model.py; imported only inside the host."""
+sit. (reForge's inference-tensor weights: inference_weights.py.) Used by host_model.py; imported
+only inside the host."""
 
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -61,15 +63,18 @@ def option_override(key: str, value: Any) -> Iterator[None]:
 
 @contextlib.contextmanager
 def frozen(model: torch.nn.Module) -> Iterator[None]:
-    """Every weight requires_grad False (A1111 leaves the UNet trainable, pitfall 10: backward
-    would fill and keep UNet gradients); each flag put back as it was."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
+    """Every weight requires_grad False, each flag put back as it was. Weak references: a strong
+    one would keep the storage of a tensor a host replaces or moves during the run alive (the
+    run's aliases are frozen from the start and dropped at restore anyway)."""
+    flags = [(weakref.ref(p), p.requires_grad) for p in model.parameters()]
     try:
         model.requires_grad_(False)
         yield
     finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
+        for ref, flag in flags:
+            p = ref()
+            if p is not None:
+                p.requires_grad_(flag)
 
 
 @contextlib.contextmanager

@@ -40,6 +40,9 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--checkpointing", action="store_true")
     ap.add_argument("--host-arg", action="append", default=[], help="extra host flag, e.g. --host-arg=--medvram")
     ap.add_argument("--data-dir", default="")
+    ap.add_argument("--inference-weights", action="store_true",
+                    help="after the first txt2img, turn the weights into inference tensors as a GPU load inside "
+                         "reForge's generation does (.to under torch.inference_mode)")
     return ap.parse_args()
 
 
@@ -144,6 +147,15 @@ def main() -> int:
             "dtypes": sorted({str(p.dtype) for p in m.parameters()}),
         }
 
+    def weights() -> str:
+        """A hash of every parameter and buffer: the run must leave the model's values as they were."""
+        h = hashlib.sha1()
+        with torch.no_grad():
+            for n, t in [*m.named_parameters(), *m.named_buffers()]:
+                h.update(n.encode())
+                h.update(t.detach().contiguous().view(-1).view(torch.uint8).cpu().numpy().tobytes())
+        return h.hexdigest()
+
     model = host_model.borrow()
     slots = model.slots()
     # An embedding already registered under the token (as if loaded from a file), and another one.
@@ -159,7 +171,11 @@ def main() -> int:
 
     base_conds: list = []
     base_img, base_tok_img = txt2img("a photo of a cat"), txt2img(f"a photo of {TOKEN}", conds=base_conds)
-    before = snapshot()
+    if a.inference_weights:  # Module._apply under inference_mode, as reForge's model management moves it
+        with torch.inference_mode():
+            m._apply(lambda t: t.clone())
+        check("the weights are inference tensors now", all(p.is_inference() for p in m.parameters()))
+    before, weights_before = snapshot(), weights()
 
     # -- reads
     check("family", model.family == fam, model.family)
@@ -206,6 +222,23 @@ def main() -> int:
     sizes = [SizeCond((64, 64), (0, 0), (64, 64))] * 2
     gen = torch.Generator().manual_seed(0)
     losses, previews = [], []
+    if a.checkpointing:  # checkpointed blocks must give the very gradient the plain ones give
+        noise = torch.randn(lat.shape, generator=torch.Generator().manual_seed(5))
+        t5 = torch.tensor([300, 700])
+        x5 = (alphas[t5].view(-1, 1, 1, 1).sqrt() * lat + (1 - alphas[t5].view(-1, 1, 1, 1)).sqrt() * noise)
+
+        def vector_grads(ckpt: bool) -> dict:
+            v = {k: x[:1].repeat(2, 1).clone().to(model.device).requires_grad_(True) for k, x in rows.items()}
+            with model.training(gradient_checkpointing=ckpt):
+                cond = model.encode_prompts(texts, TOKEN, v, sizes)
+                pred = model.predict(x5.to(model.device, model.dtype), t5.to(model.device), cond)
+                torch.nn.functional.mse_loss(pred.float(), noise.to(pred.device)).backward()
+            return {k: x.grad.detach().float().cpu() for k, x in v.items()}
+
+        plain, ckpt = vector_grads(False), vector_grads(True)
+        err = max(float((plain[k] - ckpt[k]).abs().max()) for k in plain)
+        scale = max(float(g.abs().max()) for g in plain.values())
+        check("checkpointed gradient = plain gradient", scale > 0 and err <= 1e-4 * scale, f"max err {err:.2e} of {scale:.2e}")
     with model.training(gradient_checkpointing=a.checkpointing):
         inside = snapshot()
         check("inside: no model weight requires grad", not any(f for _, f in inside["requires_grad"]))
@@ -255,6 +288,7 @@ def main() -> int:
     check("after the run: everything as before", not d, d)
     check("after the run: previous db entries back", db.word_embeddings.get(TOKEN) is prev and
           db.word_embeddings.get("zzother") is other)
+    check("after the run: the model's weights unchanged", weights() == weights_before)
     check("txt2img without the token bit-identical", txt2img("a photo of a cat") == base_img)
     check("txt2img with the token gives the previous embedding again", txt2img(f"a photo of {TOKEN}") == base_tok_img)
 
@@ -267,6 +301,7 @@ def main() -> int:
         check("an exception inside training() propagates", str(e) == "boom")
     d = [k for k, v in snapshot().items() if v != before[k]]
     check("after the exception: everything as before", not d, d)
+    check("after the exception: the model's weights unchanged", weights() == weights_before)
     check("txt2img still bit-identical", txt2img("a photo of a cat") == base_img)
 
     # -- after saving

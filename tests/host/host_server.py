@@ -1,12 +1,13 @@
-"""A real A1111 WebUI as a subprocess, for tests/host/test_real_host_e2e.py.
+"""A real A1111 or reForge WebUI as a subprocess, for the tests in tests/host/.
 
 Nothing here installs or builds the host: it starts an install that already exists
-(TI_TRAINER_HOST_DIR) with that install's python, on a tiny checkpoint, offline, on the CPU, bound
-to 127.0.0.1 on a free port, the way tests/host/README.md describes. The host runs with
-`--data-dir` in a temporary folder, and the extension is linked into that folder's `extensions/`
-(the host reads extensions from `<data-dir>/extensions`): settings, params.txt, cache, embeddings,
-models/ and the trainer's textual_inversion/ logs all land there, and nothing is written into the
-install. Plain stdlib: urllib for HTTP, so the test needs no extra package.
+(TI_TRAINER_HOST_DIR, TI_TRAINER_REFORGE_DIR) with that install's python, on a tiny checkpoint,
+offline, on the CPU, bound to 127.0.0.1 on a free port, the way tests/host/README.md describes.
+The host runs with `--data-dir` in a temporary folder, and the extension is linked into that
+folder's `extensions/` (the host reads extensions from `<data-dir>/extensions`): settings,
+params.txt, cache, embeddings, models/ and the trainer's textual_inversion/ logs all land there,
+and nothing is written into the install. Plain stdlib: urllib for HTTP, so the test needs no extra
+package.
 """
 
 from __future__ import annotations
@@ -107,6 +108,10 @@ def our_problems(log: str) -> tuple[list[str], list[str]]:
     return problems, tolerated
 
 
+# A1111: "Model loaded in 2.1s"; reForge: "Model tiny-sd1.safetensors [abc123] loaded in 9.8s"
+MODEL_LOADED = re.compile(r"^Model (.+ )?loaded in ", re.M)
+
+
 class HttpError(AssertionError):
     def __init__(self, status: int, body: str, url: str):
         super().__init__(f"HTTP {status} from {url}: {body[:2000]}")
@@ -183,7 +188,7 @@ class Host:
             # No request before "Startup time:": an early one makes starlette build its middleware
             # stack, and the host's create_api then dies with "Cannot add middleware after an
             # application has started".
-            if "Model loaded in" in log and "Startup time:" in log and self._answers("/ti-trainer/v1/tasks"):
+            if MODEL_LOADED.search(log) and "Startup time:" in log and self._answers("/ti-trainer/v1/tasks"):
                 self.startup_s = time.time() - t0
                 return self
             time.sleep(0.5)
