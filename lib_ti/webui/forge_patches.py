@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from lib_ti.webui import host_patches
 from lib_ti.webui.host_patches import frozen  # noqa: F401  (one for both hosts)
 
 
@@ -46,40 +47,13 @@ def out_of_place_norms(dm: torch.nn.Module) -> Iterator[None]:
             h.remove()
 
 
-@contextlib.contextmanager
-def checkpointed(dm: torch.nn.Module) -> Iterator[None]:
+def checkpointed(dm: torch.nn.Module) -> contextlib.AbstractContextManager[None]:
     """Each transformer and res block's `_forward` under non-reentrant torch.utils.checkpoint
-    (Forge's own `checkpoint()` raises NotImplementedError when enabled). The block input is
-    cloned inside the checkpointed function: `_forward` adds into its input in place, and the
-    recomputation must see the input as it was. An instance attribute shadows the class's forward;
-    removal is `del`."""
+    (Forge's own `checkpoint()` raises NotImplementedError when enabled), the block input cloned
+    inside the checkpointed function: `_forward` adds into its input in place."""
     from backend.nn import unet
 
-    classes = (unet.BasicTransformerBlock, unet.ResBlock)
-    patched = []
-    try:
-        for mod in dm.modules():
-            if isinstance(mod, classes) and "forward" not in vars(mod):
-                mod.forward = _checkpointed(mod._forward)
-                patched.append(mod)
-        yield
-    finally:
-        for mod in patched:
-            if getattr(vars(mod).get("forward"), "ti_trainer_checkpoint", False):
-                del mod.forward
-
-
-def _checkpointed(fn: Any) -> Any:
-    def run(x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        return fn(x.clone(), *args, **kwargs)
-
-    def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        if torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(run, x, *args, use_reentrant=False, **kwargs)
-        return fn(x, *args, **kwargs)  # previews: nothing to save for backward
-
-    forward.ti_trainer_checkpoint = True
-    return forward
+    return host_patches.checkpointed(dm, (unet.BasicTransformerBlock, unet.ResBlock), clone_input=True)
 
 
 @contextlib.contextmanager

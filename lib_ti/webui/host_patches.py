@@ -150,18 +150,21 @@ def _block_classes() -> tuple[type, ...]:
 
 
 @contextlib.contextmanager
-def checkpointed(unet: torch.nn.Module) -> Iterator[None]:
+def checkpointed(unet: torch.nn.Module, classes: tuple[type, ...] | None = None,
+                 clone_input: bool = False) -> Iterator[None]:
     """Run each transformer / res / attention block's `_forward` under torch.utils.checkpoint,
     non-reentrant (it works with frozen weights, unlike ldm/sgm's CheckpointFunction). An instance
     attribute shadows the class's forward, so nothing global changes and removal is `del`; the
-    host's own sd_hijack_checkpoint patches the classes instead and is left alone."""
-    classes = _block_classes()
+    host's own sd_hijack_checkpoint patches the classes instead and is left alone. `clone_input`
+    (Forge, whose blocks add into their input in place): the recomputation must see the input as
+    it was."""
+    classes = classes or _block_classes()
     patched = []
     try:
         for mod in unet.modules():
             if isinstance(mod, classes) and "forward" not in vars(mod):
                 # ldm_patched's transformer block has no _forward; its forward adds out of place
-                mod.forward = _checkpointed(getattr(mod, "_forward", mod.forward))
+                mod.forward = _checkpointed(getattr(mod, "_forward", mod.forward), clone_input)
                 patched.append(mod)
         yield
     finally:
@@ -170,11 +173,14 @@ def checkpointed(unet: torch.nn.Module) -> Iterator[None]:
                 del mod.forward
 
 
-def _checkpointed(fn: Any) -> Any:
-    def forward(*args: Any, **kwargs: Any) -> Any:
+def _checkpointed(fn: Any, clone_input: bool) -> Any:
+    def run(x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        return fn(x.clone() if clone_input else x, *args, **kwargs)
+
+    def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         if torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False, **kwargs)
-        return fn(*args, **kwargs)  # previews: nothing to save for backward
+            return torch.utils.checkpoint.checkpoint(run, x, *args, use_reentrant=False, **kwargs)
+        return fn(x, *args, **kwargs)  # previews: nothing to save for backward
 
     forward.ti_trainer_checkpoint = True
     return forward
