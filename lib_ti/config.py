@@ -135,7 +135,7 @@ class TrainConfig:
     gradient_checkpointing: bool = _opt(False, "less memory, ~30% slower")
     min_snr_gamma: float = _opt(0.0, "min-SNR loss weighting gamma (0: off; 5 is typical)", lo=0.0, hi=100.0)
     noise_offset: float = _opt(0.0, "noise offset (0: off; 0.05 is typical)", lo=0.0, hi=1.0)
-    clip_skip: int = _opt(1, "text encoder layers skipped from the end (SD1)", lo=1, hi=12)
+    clip_skip: int = _opt(1, "text encoder layers skipped from the end (SD1; SD2 and SDXL use their fixed layer, with a log line)", lo=1, hi=12)
     seed: int = _opt(-1, "random seed (-1: random)", lo=-1, hi=2**32 - 1)
     device: str = _opt("auto", "CLI only: auto, cpu, cuda, cuda:N, mps", host=True)
     # --- previews ---

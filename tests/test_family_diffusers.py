@@ -108,3 +108,13 @@ def test_sdxl_predict_uses_size_conditioning(tiny_sdxl):
         pa, pb, pc = (tiny_sdxl.predict(lat, t, x) for x in (a, b, c))
     exact(pa, pb)  # the default is the uncropped latent size
     assert not torch.allclose(pa, pc)
+
+
+@pytest.mark.parametrize(("family", "folder"), [("sd2", "tiny_sd2v_dir"), ("sdxl", "tiny_sdxl_dir")])
+def test_clip_skip_where_it_does_not_apply_is_said_not_silently_dropped(family, folder, request, caplog):
+    from lib_ti.diffusers_backend.load import load_diffusers_model
+
+    with caplog.at_level("INFO", logger="lib_ti"):
+        model = load_diffusers_model(request.getfixturevalue(folder), clip_skip=2)
+    assert model.family == family
+    assert any("clip skip 2 ignored" in r.getMessage() for r in caplog.records), caplog.text

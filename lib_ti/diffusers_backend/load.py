@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -27,6 +28,8 @@ from lib_ti.diffusers_backend import single_file
 from lib_ti.diffusers_backend.diffusers_sd import DiffusersModel, DiffusersSD
 from lib_ti.diffusers_backend.diffusers_sdxl import DiffusersSDXL
 from lib_ti.diffusers_backend.single_file_configs import CheckpointError
+
+log = logging.getLogger("lib_ti")
 
 # A model path that cannot be used, folder or file: a PrepareError on pretrained_model_name_or_path (CLI exit 2).
 ModelFolderError = CheckpointError
@@ -96,6 +99,9 @@ def _variant(sub: Path) -> str | None:
 def wrap(family: str, parts: dict, clip_skip: int = 1, prediction_type: str | None = None) -> DiffusersModel:
     """A TrainableModel around pipeline components (as `components` or a loaded folder gives them)."""
     if family == "sdxl":
+        if clip_skip > 1:  # said, as for SD2, rather than silently dropped
+            log.info("clip skip %d ignored: SDXL's text encoders use their fixed penultimate layers "
+                     "(the WebUI's default too)", clip_skip)
         return DiffusersSDXL(parts["unet"], parts["vae"], parts["text_encoder"], parts["text_encoder_2"],
                              parts["tokenizer"], parts["tokenizer_2"], parts["scheduler"], prediction_type)
     return DiffusersSD(family, parts["unet"], parts["vae"], parts["text_encoder"], parts["tokenizer"],
