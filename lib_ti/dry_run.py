@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import random
 
-from lib_ti import data
+from lib_ti import data, prompt_weights
 from lib_ti.config import TrainConfig
+from lib_ti.data import augment
 from lib_ti.prepare import PrepareError, check_prompts, dataset_spec, prompt_mode
 
 SAMPLES = 3  # prompts shown per image: enough to see shuffling, dropout and templates vary
@@ -36,10 +37,16 @@ def debug_dataset(cfg: TrainConfig, samples: int = SAMPLES) -> str:
         kind = "reg" if s.is_reg else "train"
         lines.append(f"{it.path}  {it.size[0]}x{it.size[1]} -> {it.resized[0]}x{it.resized[1]}, bucket "
                      f"{it.bucket[0]}x{it.bucket[1]}, {kind}, repeats {s.num_repeats}"
-                     + (", flip" if s.flip_aug or cfg.flip_aug else ""))
+                     + (", flip" if s.flip_aug or cfg.flip_aug else "")
+                     + (", colour changes" if s.color_aug else "")
+                     + (", face crop" if s.face_crop_aug_range and augment.face_info(it.path) else ""))
         lines.append(f"  caption: {it.caption!r}")
         for n in range(samples):
-            lines.append(f"  prompt {n + 1}: {prompts.build(it, rng, epoch=1, step=0, max_steps=cfg.max_train_steps)!r}")
+            text = prompts.build(it, rng, epoch=1, step=0, max_steps=cfg.max_train_steps)
+            lines.append(f"  prompt {n + 1}: {text!r}")
+            if cfg.weighted_captions and not prompt_weights.is_plain(pieces := prompt_weights.parse(text)):
+                lines.append("    weighted: " + " | ".join("BREAK" if p is None else f"{p[0]!r} x{p[1]:.3g}"
+                                                          for p in pieces))
     lines.append(f"fixed validation prompt of the first image: {prompts.fixed(scan.items[0])!r}")
     train = [it for it in scan.items if not it.subset.is_reg]
     try:

@@ -114,3 +114,24 @@ debug_dataset = true
     assert "prompt 1: 'best a photo of mytok123" in run.stdout
     assert "2 of 2 training captions name 'mytok123'" in run.stdout and "nothing was trained" in run.stdout
     assert not (tmp_path / "out").exists()
+
+
+def test_debug_dataset_shows_weighted_captions_and_augmentation(tmp_path, capsys):
+    data = make_images(tmp_path / "data", n=1)
+    for cap in data.glob("*.txt"):
+        cap.write_text("a (photo:1.5) of mytok123 BREAK [garden]")
+    toml = tmp_path / "kohya.toml"
+    toml.write_text(f"""
+pretrained_model_name_or_path = "{tmp_path / 'no-model-here'}"
+train_data_dir = "{data}"
+token_string = "mytok123"
+resolution = 64
+cache_latents = false
+color_aug = true
+weighted_captions = true
+debug_dataset = true
+""")
+    run = train(toml, capsys)
+    assert run.returncode == 0, run.stderr + run.stdout
+    assert ", colour changes" in run.stdout
+    assert "weighted: 'a ' x1 | 'photo' x1.5 | ' of mytok123' x1 | BREAK | 'garden' x0.909" in run.stdout, run.stdout
