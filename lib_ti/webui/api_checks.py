@@ -109,8 +109,8 @@ def check_preview(preview: Any) -> tuple[dict[str, Any] | None, dict[Loc, str]]:
             errors[("preview", key)] = bad_value(value)
         elif kind is not str and (not number or not math.isfinite(value) or (kind is int and value != int(value))):
             errors[("preview", key)] = f"expected a {'whole ' if kind is int else ''}number"
-        elif key in PREVIEW_RANGES and preview_value_problem(key, value):
-            errors[("preview", key)] = preview_value_problem(key, value)
+        elif key in PREVIEW_RANGES and (why := preview_value_problem(key, value)):
+            errors[("preview", key)] = why
         else:
             out[key] = kind(value)
     return out, errors

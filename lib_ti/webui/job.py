@@ -115,10 +115,6 @@ def _reserve(cfg: TrainConfig, task_id: str) -> None:
                            f"({holder}); wait for it or pick another name"})
 
 
-def _release(cfg: TrainConfig, task: Task) -> None:
-    unreserve(cfg, task.id)
-
-
 def unreserve(cfg: TrainConfig, owner: str) -> None:
     """Free the name if `owner` still holds it (a no-op after the run released it)."""
     try:
@@ -154,7 +150,7 @@ def execute(task: Task, cfg: TrainConfig, preview: dict[str, Any] | None = None,
     finally:
         if task.status in ("queued", "running"):  # a BaseException: still never a ghost task
             REGISTRY.update(task.id, status="failed", error=task.error or "the run ended without a result")
-        _release(cfg, task)
+        unreserve(cfg, task.id)
     return task
 
 
@@ -294,7 +290,7 @@ def api_submit(values: dict[str, Any], preview: dict[str, Any] | None = None,
         finally:
             if task.status in ("queued", "running"):
                 REGISTRY.update(task.id, status="failed", error="the run ended without a result")
-            _release(cfg, task)
+            unreserve(cfg, task.id)
 
     threading.Thread(target=work, name=f"ti-trainer {task.id}", daemon=True).start()
     return task
